@@ -1,0 +1,3 @@
+from inferencemesh.cli.main import main
+
+raise SystemExit(main())
