@@ -1,0 +1,20 @@
+// The Python module inferencemesh._core: the data plane (frames, buffers, QUIC). Each area registers
+// its own bindings; blocking and bulk native work runs with the GIL released.
+#include <pybind11/pybind11.h>
+
+#include "bind_frame.h"
+
+namespace im {
+#ifdef IM_HAVE_QUIC
+void bind_quic(pybind11::module_& m);
+#endif
+}  // namespace im
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "InferenceMesh native data plane: zero-copy frames, buffer pool, QUIC endpoint.";
+  im::bind_buffer_pool(m);
+  im::bind_frame(m);
+#ifdef IM_HAVE_QUIC
+  im::bind_quic(m);
+#endif
+}
