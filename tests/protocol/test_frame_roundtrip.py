@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -40,7 +39,11 @@ def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torc
 shapes = st.lists(st.integers(0, 6), min_size=0, max_size=_core.MAX_DIMS).map(tuple)
 tensor_specs = st.lists(st.tuples(st.sampled_from(DTYPES), shapes, st.integers(0, 2**31)), max_size=8)
 metadata_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text()
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text()
     | st.binary(),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
     max_leaves=20,
@@ -131,7 +134,7 @@ def test_decoded_tensors_alias_the_received_buffer() -> None:
 def test_buffer_lives_exactly_as_long_as_a_view() -> None:
     pool = _core.BufferPool(1 << 24)
     buffer = encode_message(1, 1, {}, [torch.arange(4096, dtype=torch.float32)]).to_buffer(pool)
-    first, = decode_message(buffer).tensors
+    (first,) = decode_message(buffer).tensors
     second = decode_message(buffer).tensors[0][10:20]
     del buffer
     gc.collect()
