@@ -13,7 +13,7 @@ import sys
 from inferencemesh import __version__
 
 # Module names under inferencemesh.cli, in the order ``--help`` lists them.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["demo", "bootstrap", "worker", "client", "status", "prepare"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,142 @@
+"""The client's network side: a QUIC endpoint and a DHT client node on a private event loop thread.
+
+The Python API is synchronous (like transformers); all networking runs as coroutines on one asyncio
+loop owned by a background thread, and :meth:`MeshRuntime.call` runs a coroutine there and waits for
+its result. Step results and error reports arrive as one-way messages from the workers; the runtime
+hands each to the future of the step it names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+from inferencemesh.p2p.identity import Identity, short_id
+from inferencemesh.p2p.node import DHTNode
+from inferencemesh.protocol.errors import FrameError
+from inferencemesh.protocol.frames import Message, decode_message, encode_message
+from inferencemesh.protocol.messages import MessageKind, WorkerError, error_from_message
+from inferencemesh.transport.config import TransportConfig
+from inferencemesh.transport.endpoint import Endpoint
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class MeshRuntime:
+    def __init__(
+        self,
+        bootstrap: Sequence[str],
+        *,
+        host: str = "127.0.0.1",
+        identity: Identity | None = None,
+        transport: TransportConfig | None = None,
+    ) -> None:
+        self.identity = identity or Identity.generate()
+        self._bootstrap = list(bootstrap)
+        self._host = host
+        self._transport = transport or TransportConfig()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="inferencemesh-client", daemon=True
+        )
+        self._steps: dict[int, asyncio.Future[Message]] = {}
+        self._next_step = int(time.time_ns() & 0xFFFF_FFFF) << 20  # distinct across client restarts
+        self.endpoint: Endpoint | None = None
+        self.dht: DHTNode | None = None
+        self._thread.start()
+        try:
+            self.call(self._start())
+        except BaseException:
+            self.close()
+            raise
+
+    async def _start(self) -> None:
+        self.endpoint = await Endpoint.start(self.identity.private_seed, self._host, 0, self._transport)
+        self.endpoint.set_handler(self._on_message)
+        self.dht = await DHTNode.start(
+            self.identity, host=self._host, port=0, bootstrap=self._bootstrap, client_mode=True
+        )
+
+    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Runs ``coroutine`` on the runtime's loop and returns its result (re-raising its error)."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"no result within {timeout} s") from None
+        except KeyboardInterrupt:
+            future.cancel()
+            raise
+
+    # ---------------------------------------------------------------- steps
+    def new_step(self) -> tuple[int, asyncio.Future[Message]]:
+        """A step id and the future that the step's STEP_RESULT or ERROR will resolve (loop thread)."""
+        self._next_step += 1
+        future = self._loop.create_future()
+        self._steps[self._next_step] = future
+        return self._next_step, future
+
+    def forget_step(self, step_id: int) -> None:
+        self._steps.pop(step_id, None)
+
+    def _on_message(self, peer_id: bytes, buffer: Any) -> None:
+        try:
+            message = decode_message(buffer)
+        except FrameError as exc:
+            log.warning("malformed frame from %s: %s", short_id(peer_id), exc)
+            return
+        if message.kind not in (MessageKind.STEP_RESULT, MessageKind.ERROR):
+            log.warning("unexpected %s from %s: dropped", message.kind, short_id(peer_id))
+            return
+        future = self._steps.pop(message.request_id, None)
+        if future is None or future.done():
+            return  # a step we gave up on (timeout, failover)
+        if message.kind == MessageKind.ERROR:
+            future.set_exception(error_from_message(message, peer_id))
+        else:
+            future.set_result(message)
+
+    # ---------------------------------------------------------------- requests
+    async def request(
+        self,
+        peer_id: bytes,
+        address: tuple[str, int] | None,
+        kind: MessageKind,
+        metadata: dict[str, Any],
+        timeout: float,
+        tensors: Sequence[Any] = (),
+    ) -> Message:
+        """A request/response exchange with a worker; an ERROR reply raises its WorkerError."""
+        assert self.endpoint is not None
+        frame = encode_message(kind, 0, metadata, list(tensors))
+        reply = decode_message(await self.endpoint.request(peer_id, address, frame, timeout=timeout))
+        if reply.kind == MessageKind.ERROR:
+            raise error_from_message(reply, peer_id)
+        return reply
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            for future in self._steps.values():
+                if not future.done():
+                    future.set_exception(WorkerError("client closed"))
+            if self.dht is not None:
+                await self.dht.close()
+            if self.endpoint is not None:
+                await self.endpoint.close()
+
+        if self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(10)
+        if not self._loop.is_running():
+            self._loop.close()

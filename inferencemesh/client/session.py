@@ -1,0 +1,263 @@
+"""An inference session across a chain of workers, with failover.
+
+The client opens a session on every hop of the route (each with its own secret token), then sends
+each step to the first hop with the rest of the chain attached; the last hop delivers the result back.
+The client keeps the step inputs (token embeddings) it sent. When a hop dies, hangs or fails, the
+session bans it, plans a new route, opens sessions on the replacements and replays the whole input
+history as one prefill from position 0 (every hop rewinds its cache), so generation continues with
+exactly the output an uninterrupted run would give.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from inferencemesh.client.route import BanList, entry_address, find_route, probe
+from inferencemesh.client.runtime import MeshRuntime
+from inferencemesh.compute.span import format_block_range
+from inferencemesh.p2p.errors import NoRouteError
+from inferencemesh.p2p.identity import short_id
+from inferencemesh.p2p.records import ProviderEntry
+from inferencemesh.p2p.routing import Route
+from inferencemesh.protocol.frames import encode_message
+from inferencemesh.protocol.messages import (
+    BadRequest,
+    CacheFull,
+    LengthExceeded,
+    MessageKind,
+    NextHopFailed,
+    WorkerError,
+)
+from inferencemesh.transport.errors import TransportError
+
+log = logging.getLogger(__name__)
+
+
+class SessionFailed(RuntimeError):
+    """The session could not continue: no route, or too many failed recoveries."""
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    step_timeout_s: float = 1.0  # a step with no result after this (+ per-token allowance) has failed
+    per_token_timeout_s: float = 0.005  # extra allowance per token of a prefill
+    open_timeout_s: float = 5.0
+    probe_timeout_s: float = 0.5
+    max_failovers: int = 5
+
+
+@dataclass
+class OpenHop:
+    entry: ProviderEntry
+    address: tuple[str, int]
+    token: bytes
+
+    @property
+    def peer_id(self) -> bytes:
+        return self.entry.peer_id
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.peer_id.hex(),
+            "layers": format_block_range(self.entry.span_start, self.entry.span_end),
+            "address": self.entry.addresses[0],
+        }
+
+
+@dataclass
+class Failover:
+    cause: str
+    banned: list[bytes]
+    recovery_s: float
+
+
+@dataclass
+class RemoteSession:
+    runtime: MeshRuntime
+    model_id: str
+    num_blocks: int
+    max_length: int
+    bans: BanList
+    options: SessionOptions = field(default_factory=SessionOptions)
+    session_id: bytes = field(default_factory=lambda: os.urandom(16))
+    hops: list[OpenHop] = field(default_factory=list)
+    position: int = 0
+    failovers: list[Failover] = field(default_factory=list)
+    _inputs: list[torch.Tensor] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ opening and closing
+    async def open(self) -> None:
+        await self._connect(reason="open")
+
+    async def _connect(self, reason: str) -> None:
+        """Plans a route and opens sessions on its hops, keeping hops that are already open."""
+        for _attempt in range(self.options.max_failovers + 1):
+            try:
+                route = await find_route(
+                    self.runtime, self.model_id, self.num_blocks, self.bans, cache_tokens=self.max_length
+                )
+            except NoRouteError as exc:
+                raise SessionFailed(str(exc)) from exc
+            try:
+                await self._open_hops(route)
+                log.info(
+                    "route (%s): %s",
+                    reason,
+                    " -> ".join(
+                        f"{short_id(h.peer_id)}[{format_block_range(h.entry.span_start, h.entry.span_end)}]"
+                        for h in self.hops
+                    ),
+                )
+                return
+            except (WorkerError, TransportError) as exc:
+                peer = getattr(exc, "peer_id", None)
+                if isinstance(exc, BadRequest) and not isinstance(exc, CacheFull):
+                    raise
+                if peer is not None:
+                    self.bans.ban(peer, f"could not open a session: {exc}")
+        raise SessionFailed(
+            f"could not open a session on any route after {self.options.max_failovers + 1} tries"
+        )
+
+    async def _open_hops(self, route: Route) -> None:
+        for hop in route.hops:
+            if (hop.start, hop.end) != (hop.entry.span_start, hop.entry.span_end):
+                raise SessionFailed("the route splits a worker's span; workers compute whole spans")
+        kept = {(h.peer_id, h.entry.span_start, h.entry.span_end): h for h in self.hops}
+        new_hops: list[OpenHop] = []
+        opening = []
+        for hop in route.hops:
+            existing = kept.pop((hop.peer_id, hop.start, hop.end), None)
+            if existing is not None:
+                new_hops.append(existing)
+                continue
+            open_hop = OpenHop(hop.entry, entry_address(hop.entry), os.urandom(16))
+            new_hops.append(open_hop)
+            opening.append(self._open_one(open_hop))
+        results = await asyncio.gather(*opening, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        opened = [h for h in new_hops if h not in self.hops]
+        if failures:
+            await self._close_hops(opened)
+            raise failures[0]
+        await self._close_hops(list(kept.values()))  # hops the new route no longer uses
+        self.hops = new_hops
+
+    async def _open_one(self, hop: OpenHop) -> None:
+        metadata = {
+            "model_id": self.model_id,
+            "session_id": self.session_id,
+            "token": hop.token,
+            "max_length": self.max_length,
+        }
+        await self.runtime.request(
+            hop.peer_id, hop.address, MessageKind.OPEN_SESSION, metadata, self.options.open_timeout_s
+        )
+
+    async def close(self) -> None:
+        await self._close_hops(self.hops)
+        self.hops = []
+
+    async def _close_hops(self, hops: list[OpenHop]) -> None:
+        async def close_one(hop: OpenHop) -> None:
+            metadata = {"session_id": self.session_id, "token": hop.token}
+            try:
+                await self.runtime.request(hop.peer_id, hop.address, MessageKind.CLOSE_SESSION, metadata, 1.0)
+            except (WorkerError, TransportError) as exc:
+                log.debug("closing the session on %s: %s", short_id(hop.peer_id), exc)
+
+        await asyncio.gather(*(close_one(hop) for hop in hops))
+
+    # ------------------------------------------------------------------ steps
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Runs ``hidden`` [tokens, hidden_size] through the chain; returns the last position's output."""
+        if self.position + hidden.shape[0] > self.max_length:
+            raise LengthExceeded(
+                f"{hidden.shape[0]} more tokens at position {self.position} exceed max_length {self.max_length}"
+            )
+        try:
+            output = await self._send_step(hidden, self.position)
+        except (WorkerError, TransportError, TimeoutError) as exc:
+            output = await self._recover(exc, hidden)
+        self._inputs.append(hidden)
+        self.position += hidden.shape[0]
+        return output
+
+    async def _send_step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        first, rest = self.hops[0], self.hops[1:]
+        step_id, result = self.runtime.new_step()
+        metadata = {
+            "client": self.runtime.identity.peer_id,
+            "session_id": self.session_id,
+            "token": first.token,
+            "position": position,
+            "last_only": True,
+            "chain": [[h.peer_id, h.entry.addresses[0], h.token] for h in rest],
+        }
+        frame = encode_message(MessageKind.STEP, step_id, metadata, [hidden])
+        timeout = self.options.step_timeout_s + hidden.shape[0] * self.options.per_token_timeout_s
+        try:
+            assert self.runtime.endpoint is not None
+            await self.runtime.endpoint.send(first.peer_id, first.address, frame)
+            message = await asyncio.wait_for(result, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no step result within {timeout:.2f} s") from None
+        finally:
+            self.runtime.forget_step(step_id)
+        return message.tensors[0]
+
+    async def _recover(self, error: BaseException, hidden: torch.Tensor) -> torch.Tensor:
+        """Bans the failed hop(s), re-routes, replays the history plus this step; bounded attempts."""
+        while True:
+            if isinstance(error, (BadRequest, LengthExceeded)) and not isinstance(error, CacheFull):
+                raise error  # the request itself is wrong: another worker would refuse it too
+            if len(self.failovers) >= self.options.max_failovers:
+                raise SessionFailed(f"gave up after {len(self.failovers)} failovers; last error: {error}")
+            started = time.perf_counter()
+            banned = await self._blame(error)
+            try:
+                await self._connect(reason=f"failover after {type(error).__name__}")
+                replay = torch.cat([*self._inputs, hidden]) if self._inputs else hidden
+                output = await self._send_step(replay, 0)
+            except (WorkerError, TransportError, TimeoutError) as exc:
+                self.failovers.append(Failover(repr(error), banned, time.perf_counter() - started))
+                error = exc
+                continue
+            failover = Failover(repr(error), banned, time.perf_counter() - started)
+            self.failovers.append(failover)
+            log.warning(
+                "failover %d: %s; banned %s; recovered in %.3f s",
+                len(self.failovers),
+                failover.cause,
+                ", ".join(short_id(p) for p in banned) or "nobody",
+                failover.recovery_s,
+            )
+            return output
+
+    async def _blame(self, error: BaseException) -> list[bytes]:
+        """Which hops to ban for ``error``: the one named by the error, or those that stopped answering."""
+        if isinstance(error, NextHopFailed) and error.failed_peer is not None:
+            culprits = [error.failed_peer]
+        elif isinstance(error, (WorkerError, TransportError)) and error.peer_id is not None:
+            culprits = [error.peer_id]
+        else:
+            alive = await asyncio.gather(
+                *(
+                    probe(self.runtime, h.entry, self.model_id, self.options.probe_timeout_s)
+                    for h in self.hops
+                )
+            )
+            culprits = [h.peer_id for h, rtt in zip(self.hops, alive, strict=True) if rtt is None]
+            if not culprits:
+                culprits = [h.peer_id for h in self.hops]  # all answer pings but the step stalls
+        for peer in culprits:
+            self.bans.ban(peer, repr(error))
+        self.hops = [h for h in self.hops if h.peer_id not in culprits]
+        return culprits

@@ -1,0 +1,42 @@
+"""Every worker setting with its default and meaning: the one place they are documented.
+
+The CLI (`python -m inferencemesh worker`) builds its flags from these fields and also reads them from
+a TOML file (`--config`) and from INFERENCEMESH_<NAME> environment variables; flags win over the
+environment, which wins over the file, which wins over the defaults here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def setting(default: object, help: str, **kwargs: object) -> object:
+    """A dataclass field whose help text the CLI and docs show."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class WorkerConfig:
+    model_path: str = setting("", "HF model directory (config.json + safetensors); required")
+    layers: str = setting("", "blocks to serve, 1-based inclusive, e.g. 1-10; required")
+    bootstrap: list[str] = setting([], "DHT bootstrap node(s), HOST:PORT or /ip4/IP/udp/PORT[/p2p/ID]")
+    host: str = setting("127.0.0.1", "address to bind (0.0.0.0 or :: for all interfaces)")
+    port: int = setting(
+        31330, "DHT UDP port; the QUIC data plane binds PORT+1 (space workers on one host 10 apart)"
+    )
+    announce_host: str = setting("", "address peers should dial (default: --host, or 127.0.0.1 for 0.0.0.0)")
+    device: str = setting("cpu", "torch device: cpu or cuda[:N]", choices=["cpu", "cuda"])
+    dtype: str = setting("float32", "weight and cache dtype", choices=["float32", "bfloat16", "float16"])
+    identity: str = setting("", "ed25519 identity file (created 0600 when missing); empty: a new identity")
+    cache_bytes: int = setting(256 << 20, "KV cache budget in bytes")
+    max_session_length: int = setting(2048, "largest max_length a session may reserve (tokens)")
+    max_batch: int = setting(32, "most decode steps batched into one forward")
+    prefill_chunk: int = setting(256, "prefill tokens computed between two decode batches")
+    max_request_tokens: int = setting(8192, "most tokens one step or forward may carry")
+    session_idle_timeout: float = setting(300.0, "seconds of inactivity after which a session is freed")
+    announce_ttl: float = setting(60.0, "seconds a DHT entry lives; refreshed every third of it")
+    drain_timeout: float = setting(5.0, "seconds to finish in-flight steps on SIGINT/SIGTERM")
+    stats_interval: float = setting(30.0, "seconds between throughput / cache log lines")
+    log_level: str = setting("info", "log level", choices=["debug", "info", "warning", "error"])

@@ -1,0 +1,97 @@
+"""Inference sessions of one worker, isolated per client.
+
+A session is keyed by the authenticated peer id of the client that opened it and a session id the
+client chose, and guarded by a 128-bit token the client sent when opening it. Steps reach the worker
+through the chain (from the previous worker, not from the client), so the token is what proves a step
+belongs to the session: a client that did not open it cannot name it, let alone step it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+
+from inferencemesh.compute import errors as compute_errors
+from inferencemesh.compute.kv_cache import KVCacheManager, SessionCache
+from inferencemesh.p2p.identity import short_id
+from inferencemesh.protocol.messages import CacheFull, TooLarge, UnknownSession
+
+log = logging.getLogger(__name__)
+
+SESSION_ID_BYTES = 16
+TOKEN_BYTES = 16
+
+
+@dataclass
+class ServerSession:
+    client: bytes
+    session_id: bytes
+    token: bytes
+    cache: SessionCache
+
+    @property
+    def label(self) -> str:
+        return f"{short_id(self.client)}/{self.session_id.hex()[:8]}"
+
+
+class SessionRegistry:
+    def __init__(self, caches: KVCacheManager, max_session_length: int) -> None:
+        self.caches = caches
+        self.max_session_length = max_session_length
+        self._sessions: dict[tuple[bytes, bytes], ServerSession] = {}
+
+    def open(self, client: bytes, session_id: bytes, token: bytes, max_length: int) -> ServerSession:
+        if len(session_id) != SESSION_ID_BYTES or len(token) != TOKEN_BYTES:
+            raise UnknownSession(f"session ids and tokens are {SESSION_ID_BYTES} bytes")
+        if not 0 < max_length <= self.max_session_length:
+            raise TooLarge(f"max_length must be in 1..{self.max_session_length}, got {max_length}")
+        key = (client, session_id)
+        if key in self._sessions:
+            raise UnknownSession("this session id is already open")
+        try:
+            cache = self.caches.allocate(key, max_length)
+        except compute_errors.CacheFull as exc:
+            raise CacheFull(
+                f"KV cache full: {max_length} tokens requested, {self.caches.free_tokens} free"
+            ) from exc
+        session = ServerSession(client, session_id, token, cache)
+        self._sessions[key] = session
+        log.info(
+            "session %s opened (max_length %d, %d cache tokens free)",
+            session.label,
+            max_length,
+            self.caches.free_tokens,
+        )
+        return session
+
+    def get(self, client: bytes, session_id: bytes, token: bytes) -> ServerSession:
+        session = self._sessions.get((client, session_id))
+        # The same answer for a missing session and a wrong token: a stranger learns nothing.
+        if session is None or not hmac.compare_digest(session.token, token):
+            raise UnknownSession("unknown session (never opened, closed, expired, or not yours)")
+        return session
+
+    def close(self, client: bytes, session_id: bytes, token: bytes) -> None:
+        session = self.get(client, session_id, token)
+        self._drop(session, "closed")
+
+    def expire_idle(self, max_idle_s: float) -> int:
+        expired = self.caches.free_idle(max_idle_s)
+        for key in expired:
+            session = self._sessions.pop(key, None)
+            if session is not None:
+                log.info("session %s expired after %.0f s idle", session.label, max_idle_s)
+        return len(expired)
+
+    def close_all(self) -> None:
+        for session in list(self._sessions.values()):
+            self._drop(session, "closed at shutdown")
+
+    def _drop(self, session: ServerSession, why: str) -> None:
+        self._sessions.pop((session.client, session.session_id), None)
+        self.caches.free((session.client, session.session_id))
+        log.info("session %s %s at length %d", session.label, why, session.cache.length)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
