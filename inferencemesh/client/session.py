@@ -180,7 +180,8 @@ class RemoteSession:
         """Runs ``hidden`` [tokens, hidden_size] through the chain; returns the last position's output."""
         if self.position + hidden.shape[0] > self.max_length:
             raise LengthExceeded(
-                f"{hidden.shape[0]} more tokens at position {self.position} exceed max_length {self.max_length}"
+                f"{hidden.shape[0]} more tokens at position {self.position} "
+                f"exceed max_length {self.max_length}"
             )
         try:
             output = await self._send_step(hidden, self.position)
