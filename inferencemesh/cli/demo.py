@@ -8,11 +8,8 @@ process down, also on Ctrl-C or an error.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import random
+import logging
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,118 +50,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def ports_free(base: int, count: int) -> bool:
-    for port in range(base, base + count):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
-def pick_base_port() -> int:
-    for _ in range(100):
-        base = random.randrange(20000, 60000, 10)
-        if all(ports_free(base + 10 * i, 2) for i in range(len(WORKER_LAYERS) + 1)):
-            return base
-    raise RuntimeError("found no free UDP port range on 127.0.0.1; pass --port")
-
-
-class Swarm:
-    """The demo's subprocesses; their output goes to log files shown when something fails."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.processes: list[tuple[str, subprocess.Popen[bytes], Path]] = []
-
-    def spawn(self, name: str, *args: str) -> None:
-        log_path = self.log_dir / f"{name}.log"
-        with log_path.open("wb") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "inferencemesh", *args],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C reaches the demo only; it stops the children itself
-            )
-        self.processes.append((name, process, log_path))
-
-    def check_alive(self) -> None:
-        for name, process, log_path in self.processes:
-            if process.poll() is not None:
-                tail = log_path.read_text(errors="replace").splitlines()[-15:]
-                raise RuntimeError(f"{name} exited with code {process.returncode}:\n  " + "\n  ".join(tail))
-
-    def stop(self, timeout: float = 10.0) -> None:
-        for _, process, _ in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for name, process, _ in self.processes:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                print(f"{name} did not stop in {timeout:.0f} s: killing it", flush=True)
-                process.kill()
-                process.wait()
-
-
-def wait_for_coverage(swarm: Swarm, bootstrap: str, timeout: float) -> None:
-    from inferencemesh.cli.status import collect
-
-    deadline = time.monotonic() + timeout
-    while True:
-        swarm.check_alive()
-        report = asyncio.run(collect([bootstrap], "127.0.0.1"))
-        if report["complete"]:
-            workers = sum(len(m["workers"]) for m in report["models"])
-            print(f"swarm ready: {workers} workers cover every block", flush=True)
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the swarm did not cover every block within {timeout:.0f} s")
-        time.sleep(0.5)
-
-
 def run(args: argparse.Namespace) -> int:
     setup_logging("warning")
+    logging.getLogger("inferencemesh.p2p").setLevel(logging.ERROR)  # "bootstrap not up yet" while starting
+    from inferencemesh.cli.local_swarm import LocalSwarm
     from inferencemesh.compute.prepare import prepare_model
 
     started = time.perf_counter()
     model_path = Path(args.model_path) if args.model_path else prepare_model("smollm2")
-    base = args.port or pick_base_port()
-    bootstrap = f"127.0.0.1:{base}"
     with tempfile.TemporaryDirectory(prefix="inferencemesh-demo-") as log_dir:
-        swarm = Swarm(Path(log_dir))
+        swarm = LocalSwarm(Path(log_dir), base_port=args.port, max_nodes=len(WORKER_LAYERS) + 1)
         # SIGTERM to the demo unwinds like Ctrl-C, so the children are stopped either way.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
-            print(f"starting bootstrap node on udp {bootstrap}", flush=True)
-            swarm.spawn("bootstrap", "bootstrap", "--host", "127.0.0.1", "--port", str(base))
-            for index, layers in enumerate(WORKER_LAYERS, start=1):
-                port = base + 10 * index
-                print(
-                    f"starting worker for layers {layers} on udp {port} (dht) / {port + 1} (quic)", flush=True
-                )
-                swarm.spawn(
-                    f"worker-{layers}",
-                    "worker",
-                    "--bootstrap",
-                    bootstrap,
-                    "--layers",
-                    layers,
-                    "--model-path",
-                    str(model_path),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--stats-interval",
-                    "3600",
-                )
-            wait_for_coverage(swarm, bootstrap, args.start_timeout)
-            print(f"swarm up in {time.perf_counter() - started:.1f} s", flush=True)
-            return answer(model_path, bootstrap, args.prompt, args.max_new_tokens)
+            print(f"starting bootstrap node on udp {swarm.bootstrap}", flush=True)
+            swarm.start_bootstrap()
+            for layers in WORKER_LAYERS:
+                name = swarm.start_worker(layers, model_path, "--stats-interval", "3600")
+                print(f"starting {name} (udp: dht on the port shown, quic on the next)", flush=True)
+            report = swarm.wait_for_workers(len(WORKER_LAYERS), timeout=args.start_timeout)
+            print(
+                f"swarm ready in {time.perf_counter() - started:.1f} s: "
+                f"{report['models'][0]['model_id']} fully covered",
+                flush=True,
+            )
+            return answer(model_path, swarm.bootstrap, args.prompt, args.max_new_tokens)
         except KeyboardInterrupt:
             print("\ninterrupted", flush=True)
             return 130

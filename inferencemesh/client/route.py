@@ -68,10 +68,21 @@ async def find_route(
     *,
     cache_tokens: int,
     probe_timeout: float = 1.0,
+    lookup_retries: int = 3,
 ) -> Route:
-    """The best chain over live workers. Raises NoRouteError naming the blocks nobody usable serves."""
+    """The best chain over live workers. Raises NoRouteError naming the blocks nobody usable serves.
+
+    A lookup that finds no provider for some block is repeated (``lookup_retries`` times, with a growing
+    pause): right after a client joins, or while the swarm is busy, DHT replies can be late or lost.
+    """
     assert runtime.dht is not None
-    providers = await find_block_providers(runtime.dht, model_id, num_blocks)
+    for attempt in range(lookup_retries + 1):
+        providers = await find_block_providers(runtime.dht, model_id, num_blocks)
+        if all(providers.values()) or attempt == lookup_retries:
+            break
+        await asyncio.sleep(0.25 * 2**attempt)
+        if not runtime.dht.contacts():  # the join itself was lost: join again rather than wait for it
+            await runtime.dht.join()
     entries = {entry.peer_id: entry for block in providers.values() for entry in block}
     banned = bans.banned()
     candidates = [entry for peer, entry in entries.items() if peer not in banned]

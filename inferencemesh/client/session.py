@@ -44,10 +44,20 @@ class SessionFailed(RuntimeError):
     """The session could not continue: no route, or too many failed recoveries."""
 
 
+class StepStalled(TimeoutError):
+    """A step got no result in time; ``silent`` are the hops that did not answer a probe either."""
+
+    def __init__(self, message: str, silent: list[bytes]) -> None:
+        super().__init__(message)
+        self.silent = silent
+
+
 @dataclass(frozen=True)
 class SessionOptions:
-    step_timeout_s: float = 1.0  # a step with no result after this (+ per-token allowance) has failed
-    per_token_timeout_s: float = 0.005  # extra allowance per token of a prefill
+    # A step without a result after this long makes the client probe every hop: hops that do not
+    # answer are dead or hung (failover at once); if all answer, they are busy and the client waits on.
+    step_timeout_s: float = 1.0
+    max_step_wait_s: float = 120.0  # ... but never longer than this for one step
     open_timeout_s: float = 5.0
     probe_timeout_s: float = 0.5
     max_failovers: int = 5
@@ -104,7 +114,11 @@ class RemoteSession:
                     self.runtime, self.model_id, self.num_blocks, self.bans, cache_tokens=self.max_length
                 )
             except NoRouteError as exc:
-                raise SessionFailed(str(exc)) from exc
+                raise SessionFailed(
+                    f"no route through the swarm: no live worker serves layers "
+                    f"{_layer_ranges(exc.missing_blocks)} of {self.model_id}; start workers for them "
+                    "or check the bootstrap address"
+                ) from exc
             try:
                 await self._open_hops(route)
                 log.info(
@@ -203,16 +217,33 @@ class RemoteSession:
             "chain": [[h.peer_id, h.entry.addresses[0], h.token] for h in rest],
         }
         frame = encode_message(MessageKind.STEP, step_id, metadata, [hidden])
-        timeout = self.options.step_timeout_s + hidden.shape[0] * self.options.per_token_timeout_s
         try:
             assert self.runtime.endpoint is not None
             await self.runtime.endpoint.send(first.peer_id, first.address, frame)
-            message = await asyncio.wait_for(result, timeout)
-        except TimeoutError:
-            raise TimeoutError(f"no step result within {timeout:.2f} s") from None
+            message = await self._await_result(result)
         finally:
             self.runtime.forget_step(step_id)
         return message.tensors[0]
+
+    async def _await_result(self, result: asyncio.Future[Any]) -> Any:
+        started = time.monotonic()
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(result), self.options.step_timeout_s)
+            except TimeoutError:
+                waited = time.monotonic() - started
+                silent = await self._silent_hops()
+                if silent:
+                    raise StepStalled(f"no step result after {waited:.2f} s", silent) from None
+                if waited > self.options.max_step_wait_s:
+                    raise StepStalled(f"no step result after {waited:.0f} s; every hop answers", []) from None
+                log.debug("step pending for %.1f s; every hop answers probes: waiting on", waited)
+
+    async def _silent_hops(self) -> list[bytes]:
+        timeout = self.options.probe_timeout_s
+        probes = (probe(self.runtime, hop.entry, self.model_id, timeout) for hop in self.hops)
+        rtts = await asyncio.gather(*probes)
+        return [hop.peer_id for hop, rtt in zip(self.hops, rtts, strict=True) if rtt is None]
 
     async def _recover(self, error: BaseException, hidden: torch.Tensor) -> torch.Tensor:
         """Bans the failed hop(s), re-routes, replays the history plus this step; bounded attempts."""
@@ -248,17 +279,22 @@ class RemoteSession:
             culprits = [error.failed_peer]
         elif isinstance(error, (WorkerError, TransportError)) and error.peer_id is not None:
             culprits = [error.peer_id]
+        elif isinstance(error, StepStalled) and error.silent:
+            culprits = error.silent
         else:
-            alive = await asyncio.gather(
-                *(
-                    probe(self.runtime, h.entry, self.model_id, self.options.probe_timeout_s)
-                    for h in self.hops
-                )
-            )
-            culprits = [h.peer_id for h, rtt in zip(self.hops, alive, strict=True) if rtt is None]
-            if not culprits:
-                culprits = [h.peer_id for h in self.hops]  # all answer pings but the step stalls
+            culprits = await self._silent_hops() or [h.peer_id for h in self.hops]
         for peer in culprits:
             self.bans.ban(peer, repr(error))
         self.hops = [h for h in self.hops if h.peer_id not in culprits]
         return culprits
+
+
+def _layer_ranges(blocks: list[int]) -> str:
+    """0-based block indices as 1-based layer ranges, e.g. [10, 11, 12, 20] -> "11-13, 21"."""
+    ranges: list[list[int]] = []
+    for block in sorted(blocks):
+        if ranges and block == ranges[-1][1] + 1:
+            ranges[-1][1] = block
+        else:
+            ranges.append([block, block])
+    return ", ".join(f"{a + 1}-{b + 1}" if a != b else f"{a + 1}" for a, b in ranges)

@@ -28,6 +28,14 @@ class MessageKind(enum.IntEnum):
     SESSION_CLOSED = 11
 
 
+def kind_name(kind: int) -> str:
+    """The name of a message kind, or its number when it is not one this version knows."""
+    try:
+        return MessageKind(kind).name
+    except ValueError:
+        return str(kind)
+
+
 class ErrorCode(enum.IntEnum):
     BAD_REQUEST = 1  # malformed metadata or an unknown message kind
     WRONG_SHAPE = 2  # hidden states of the wrong rank or hidden size

@@ -35,6 +35,7 @@ from inferencemesh.protocol.messages import (
     WrongModel,
     WrongShape,
     error_message,
+    kind_name,
 )
 from inferencemesh.server.scheduler import ComputeScheduler
 from inferencemesh.server.sessions import ServerSession, SessionRegistry
@@ -97,13 +98,14 @@ class WorkerService:
             self._note_refusal(peer_id, message, exc)
             return error_message(message.request_id, exc)
         except Exception as exc:
-            log.exception("request %s from %s failed", MessageKind(message.kind).name, short_id(peer_id))
+            log.exception("request %s from %s failed", kind_name(message.kind), short_id(peer_id))
             return error_message(message.request_id, WorkerError(f"internal error: {exc!r}"))
 
     def _note_refusal(self, peer_id: bytes, message: Message, exc: WorkerError) -> None:
         self.errors += 1
-        kind = MessageKind(message.kind).name if message.kind in MessageKind else str(message.kind)
-        log.info("refused %s from %s: %s (%s)", kind, short_id(peer_id), exc, exc.code.name)
+        log.info(
+            "refused %s from %s: %s (%s)", kind_name(message.kind), short_id(peer_id), exc, exc.code.name
+        )
 
     # ------------------------------------------------------------------ requests
     def info(self) -> dict[str, Any]:

@@ -1,0 +1,202 @@
+"""Bad requests get typed errors and the worker keeps serving (real worker processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from inferencemesh import _core
+from inferencemesh.cli.local_swarm import LocalSwarm
+from inferencemesh.client.model import DistributedModelForCausalLM
+from inferencemesh.client.route import entry_address
+from inferencemesh.client.runtime import MeshRuntime
+from inferencemesh.p2p.lookup import find_block_providers
+from inferencemesh.p2p.records import ProviderEntry
+from inferencemesh.protocol.frames import decode_message, encode_message
+from inferencemesh.protocol.messages import (
+    BadRequest,
+    LengthExceeded,
+    MessageKind,
+    OutOfOrder,
+    TooLarge,
+    UnknownSession,
+    WorkerError,
+    WrongDtype,
+    WrongModel,
+    WrongShape,
+)
+from inferencemesh.transport.errors import TransportError
+from tests.swarm.conftest import MAX_NEW_TOKENS, PROMPTS
+
+HIDDEN = 576
+
+
+@pytest.fixture(scope="module")
+def runtime(swarm: LocalSwarm) -> Iterator[MeshRuntime]:
+    runtime = MeshRuntime([swarm.bootstrap])
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture(scope="module")
+def first_worker(runtime: MeshRuntime, client: DistributedModelForCausalLM) -> ProviderEntry:
+    providers = runtime.call(find_block_providers(runtime.dht, client.model_id, 30))
+    (entry,) = providers[0]
+    return entry
+
+
+def request(runtime: MeshRuntime, worker: ProviderEntry, kind: MessageKind, metadata: dict[str, Any]) -> Any:
+    return runtime.call(runtime.request(worker.peer_id, entry_address(worker), kind, metadata, 5.0))
+
+
+def open_session(runtime: MeshRuntime, worker: ProviderEntry, model_id: str, max_length: int = 16) -> tuple:
+    session_id, token = os.urandom(16), os.urandom(16)
+    request(
+        runtime,
+        worker,
+        MessageKind.OPEN_SESSION,
+        {"model_id": model_id, "session_id": session_id, "token": token, "max_length": max_length},
+    )
+    return session_id, token
+
+
+def step(
+    runtime: MeshRuntime,
+    worker: ProviderEntry,
+    session_id: bytes,
+    token: bytes,
+    position: int,
+    hidden: Any,
+    client: bytes | None = None,
+) -> torch.Tensor:
+    """Sends a one-hop STEP; returns the result tensor or raises the worker's typed error."""
+
+    async def go() -> torch.Tensor:
+        step_id, result = runtime.new_step()
+        metadata = {
+            "client": client or runtime.identity.peer_id,
+            "session_id": session_id,
+            "token": token,
+            "position": position,
+            "last_only": False,
+            "chain": [],
+        }
+        frame = encode_message(MessageKind.STEP, step_id, metadata, [hidden])
+        await runtime.endpoint.send(worker.peer_id, entry_address(worker), frame)
+        message = await asyncio.wait_for(result, 10)
+        return message.tensors[0]
+
+    return runtime.call(go())
+
+
+def test_wrong_model_and_oversized_session_are_refused(
+    runtime: MeshRuntime, first_worker: ProviderEntry, client: DistributedModelForCausalLM
+) -> None:
+    with pytest.raises(WrongModel, match="serves smollm2"):
+        open_session(runtime, first_worker, "some-other-model-0123456789abcdef")
+    with pytest.raises(TooLarge, match="max_length"):
+        open_session(runtime, first_worker, client.model_id, max_length=10**9)
+    with pytest.raises(BadRequest, match="session_id"):
+        request(runtime, first_worker, MessageKind.OPEN_SESSION, {"model_id": client.model_id})
+
+
+def test_wrong_shape_dtype_and_position_get_typed_errors(
+    runtime: MeshRuntime, first_worker: ProviderEntry, client: DistributedModelForCausalLM
+) -> None:
+    session_id, token = open_session(runtime, first_worker, client.model_id, max_length=4)
+    with pytest.raises(WrongShape, match=r"\[tokens, 576\]"):
+        step(runtime, first_worker, session_id, token, 0, torch.zeros(1, 100))
+    with pytest.raises(WrongShape):
+        step(runtime, first_worker, session_id, token, 0, torch.zeros(1, 1, HIDDEN))
+    with pytest.raises(WrongDtype):
+        step(runtime, first_worker, session_id, token, 0, torch.zeros(1, HIDDEN, dtype=torch.int64))
+    with pytest.raises(OutOfOrder):
+        step(runtime, first_worker, session_id, token, 3, torch.zeros(1, HIDDEN))
+    with pytest.raises(LengthExceeded):
+        step(runtime, first_worker, session_id, token, 0, torch.zeros(5, HIDDEN))
+    out = step(runtime, first_worker, session_id, token, 0, torch.zeros(4, HIDDEN))
+    assert out.shape == (4, HIDDEN) and torch.isfinite(out).all()
+    with pytest.raises(LengthExceeded):  # the session is full now
+        step(runtime, first_worker, session_id, token, 4, torch.zeros(1, HIDDEN))
+
+
+def test_sessions_are_isolated_between_clients(
+    runtime: MeshRuntime, swarm: LocalSwarm, first_worker: ProviderEntry, client: DistributedModelForCausalLM
+) -> None:
+    session_id, token = open_session(runtime, first_worker, client.model_id)
+    with pytest.raises(UnknownSession):
+        step(runtime, first_worker, os.urandom(16), token, 0, torch.zeros(1, HIDDEN))
+    with pytest.raises(UnknownSession):
+        step(runtime, first_worker, session_id, os.urandom(16), 0, torch.zeros(1, HIDDEN))
+    stranger = MeshRuntime([swarm.bootstrap])
+    try:
+        # Even knowing the id and the token, another client cannot step or close the session: sessions are
+        # keyed by the authenticated peer id of the client that opened them.
+        with pytest.raises(UnknownSession):
+            step(stranger, first_worker, session_id, token, 0, torch.zeros(1, HIDDEN))
+        with pytest.raises(UnknownSession):
+            request(
+                stranger, first_worker, MessageKind.CLOSE_SESSION, {"session_id": session_id, "token": token}
+            )
+    finally:
+        stranger.close()
+    request(runtime, first_worker, MessageKind.CLOSE_SESSION, {"session_id": session_id, "token": token})
+    with pytest.raises(UnknownSession):
+        step(runtime, first_worker, session_id, token, 0, torch.zeros(1, HIDDEN))
+
+
+def test_oversized_malformed_and_unknown_messages(
+    runtime: MeshRuntime, first_worker: ProviderEntry, client: DistributedModelForCausalLM
+) -> None:
+    session_id, token = open_session(runtime, first_worker, client.model_id, max_length=16)
+    with pytest.raises(TooLarge, match="8192"):
+        step(runtime, first_worker, session_id, token, 0, torch.zeros(8193, HIDDEN))
+    with pytest.raises(BadRequest, match="unknown message kind"):
+        request(runtime, first_worker, 200, {})  # type: ignore[arg-type]
+    # A valid header over a corrupt tensor table: the sender's transport passes it, the worker must not.
+    garbage = bytearray(encode_message(MessageKind.PING, 1, {}, [torch.zeros(4)]).to_bytes())
+    garbage[_core.FRAME_HEADER_SIZE + 1] = 200  # the table's first dtype byte (metadata is the empty map)
+    garbage = bytes(garbage)
+
+    async def send_garbage() -> Any:
+        return await runtime.endpoint.request(first_worker.peer_id, entry_address(first_worker), garbage, 5.0)
+
+    try:
+        reply = decode_message(runtime.call(send_garbage()))
+        assert reply.kind == MessageKind.ERROR and reply.metadata["code"] == BadRequest.code
+    except TransportError as exc:  # the transport may reject the frame before the worker sees it
+        assert "frame" in str(exc).lower()
+    with pytest.raises(WorkerError):
+        request(runtime, first_worker, MessageKind.FORWARD, {"model_id": client.model_id})
+
+
+def test_worker_still_serves_exactly_after_bad_requests(
+    client: DistributedModelForCausalLM, reference_tokens: dict[str, list[int]]
+) -> None:
+    result = client.generate(PROMPTS[0], chat=True, max_new_tokens=MAX_NEW_TOKENS)
+    assert result.token_ids == reference_tokens[PROMPTS[0]]
+
+
+def test_stateless_forward_matches_a_session_prefill(
+    runtime: MeshRuntime, first_worker: ProviderEntry, client: DistributedModelForCausalLM
+) -> None:
+    hidden = client.head.embed(client.encode_prompt(PROMPTS[0], chat=True))
+    forward = runtime.call(
+        runtime.request(
+            first_worker.peer_id,
+            entry_address(first_worker),
+            MessageKind.FORWARD,
+            {"model_id": client.model_id},
+            10.0,
+            [hidden],
+        )
+    )
+    session_id, token = open_session(runtime, first_worker, client.model_id, max_length=hidden.shape[0])
+    via_session = step(runtime, first_worker, session_id, token, 0, hidden)
+    assert forward.kind == MessageKind.FORWARD_RESULT
+    torch.testing.assert_close(forward.tensors[0], via_session, rtol=0, atol=1e-5)

@@ -1,0 +1,141 @@
+"""Bootstrap + 3 workers + clients as real processes on loopback with the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from inferencemesh.cli.local_swarm import LocalSwarm
+from inferencemesh.client.model import DistributedModelForCausalLM
+from tests.swarm.conftest import MAX_NEW_TOKENS, PROMPTS
+
+
+def test_greedy_generation_matches_transformers(
+    client: DistributedModelForCausalLM, reference_tokens: dict[str, list[int]]
+) -> None:
+    for prompt in PROMPTS:
+        result = client.generate(prompt, chat=True, max_new_tokens=MAX_NEW_TOKENS)
+        assert result.token_ids == reference_tokens[prompt], prompt
+        assert [hop["layers"] for hop in result.route] == ["1-10", "11-20", "21-30"]
+        assert result.failovers == 0
+    answer = client.generate(PROMPTS[0], chat=True, max_new_tokens=MAX_NEW_TOKENS)
+    assert answer.text == "The capital of France is Paris."
+    assert answer.finish_reason == "eos"
+
+
+def test_inference_session_steps_match_one_shot_generation(
+    client: DistributedModelForCausalLM, reference_tokens: dict[str, list[int]]
+) -> None:
+    prompt_ids = client.encode_prompt(PROMPTS[1], chat=True)
+    tokens: list[int] = []
+    with client.inference_session(max_length=len(prompt_ids) + 8) as session:
+        logits = session.step(prompt_ids)
+        for _ in range(8):
+            tokens.append(int(logits.argmax()))
+            logits = session.step([tokens[-1]])
+    assert tokens == reference_tokens[PROMPTS[1]][:8]
+
+
+def test_eight_concurrent_clients_are_all_exact(
+    swarm: LocalSwarm, smollm2_dir: Path, reference_tokens: dict[str, list[int]]
+) -> None:
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def one_client(index: int) -> None:
+        try:
+            with DistributedModelForCausalLM.from_pretrained(smollm2_dir, [swarm.bootstrap]) as model:
+                prompt = PROMPTS[index % len(PROMPTS)]
+                results[index] = model.generate(prompt, chat=True, max_new_tokens=MAX_NEW_TOKENS).token_ids
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one_client, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert not errors, errors
+    for index in range(8):
+        assert results[index] == reference_tokens[PROMPTS[index % len(PROMPTS)]]
+
+
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "inferencemesh", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_client_command_prints_the_json_report(
+    swarm: LocalSwarm, smollm2_dir: Path, reference_tokens: dict[str, list[int]]
+) -> None:
+    done = run_cli(
+        "client",
+        "--bootstrap",
+        swarm.bootstrap,
+        "--model-path",
+        str(smollm2_dir),
+        "--prompt",
+        PROMPTS[0],
+        "--chat",
+        "--max-new-tokens",
+        str(MAX_NEW_TOKENS),
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["token_ids"] == reference_tokens[PROMPTS[0]]
+    assert report["text"] == "The capital of France is Paris."
+    assert report["prompt_token_ids"][0] == 1  # <|im_start|> from the chat template
+    assert report["ttft_s"] > 0 and report["decode_tokens_per_s"] > 0
+    assert [hop["layers"] for hop in report["route"]] == ["1-10", "11-20", "21-30"]
+    assert all(len(hop["peer_id"]) == 64 for hop in report["route"])
+    assert report["failovers"] == 0
+
+
+def test_client_command_streams_text(swarm: LocalSwarm, smollm2_dir: Path) -> None:
+    done = run_cli(
+        "client",
+        "--bootstrap",
+        swarm.bootstrap,
+        "--model-path",
+        str(smollm2_dir),
+        "--prompt",
+        PROMPTS[0],
+        "--chat",
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "The capital of France is Paris."
+    assert "tok/s" in done.stderr
+
+
+def test_status_command_lists_workers_and_coverage(swarm: LocalSwarm) -> None:
+    done = run_cli("status", "--bootstrap", swarm.bootstrap, "--json", timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["complete"] is True
+    (model,) = report["models"]
+    assert model["model_id"].startswith("smollm2-135m-instruct-")
+    assert model["total_blocks"] == 30 and model["missing_layers"] == []
+    assert sorted(w["layers"] for w in model["workers"]) == ["1-10", "11-20", "21-30"]
+    for worker in model["workers"]:
+        assert worker["free_cache_tokens"] > 0 and worker["decode_tokens_per_s"] > 0
+        assert worker["addresses"][0].startswith("127.0.0.1:")
+
+
+def test_client_without_a_swarm_says_which_blocks_are_missing(smollm2_dir: Path, tmp_path: Path) -> None:
+    lonely = LocalSwarm(tmp_path)
+    lonely.start_bootstrap()
+    lonely.start_worker("1-10", smollm2_dir)
+    try:
+        lonely.wait_until(lambda r: bool(r["models"]), 120, "one worker announced")
+        done = run_cli(
+            "client", "--bootstrap", lonely.bootstrap, "--model-path", str(smollm2_dir), "--prompt", "hi"
+        )
+    finally:
+        lonely.stop()
+    assert done.returncode == 1
+    assert "no live worker serves layers 11-30" in done.stderr
