@@ -1,0 +1,156 @@
+"""Keeps a worker's provider entry published while it runs, and withdraws it when it stops.
+
+The entry is re-signed with a new ``seq`` and expiry and stored under all its keys (every block of
+the span, the model directory, the models index) at start, then every third of the TTL, so it
+survives two missed refreshes. Storing nodes never republish, so a worker that dies disappears at
+most one TTL later; one that stops cleanly publishes a withdrawal (a tombstone with a newer seq)
+that replaces its entry everywhere at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+from inferencemesh.p2p.identity import Identity
+from inferencemesh.p2p.node import DHTNode
+from inferencemesh.p2p.records import MAX_RTTS, ProviderEntry, sign_entry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL = 60.0
+
+
+@dataclass(frozen=True)
+class AnnounceReport:
+    accepted: dict[str, int]  # key name -> how many nodes stored the entry
+    seconds: float
+
+    @property
+    def failed_keys(self) -> list[str]:
+        return [key for key, count in self.accepted.items() if count == 0]
+
+
+class Announcer:
+    """Publishes one worker's entry for a span of a model.
+
+    The dynamic fields (throughputs, free cache, load, RTTs) change through :meth:`update`; they go
+    out with the next refresh, or at once with :meth:`publish`.
+    """
+
+    def __init__(
+        self,
+        node: DHTNode,
+        identity: Identity,
+        *,
+        model_id: str,
+        total_blocks: int,
+        span_start: int,
+        span_end: int,
+        addresses: list[str],
+        dtype: str,
+        decode_tps: float = 0.0,
+        prefill_tps: float = 0.0,
+        free_cache_tokens: int = 0,
+        load: float = 0.0,
+        ttl: float = DEFAULT_TTL,
+    ) -> None:
+        self.node = node
+        self.identity = identity
+        self.ttl = ttl
+        self._entry = ProviderEntry(
+            model_id=model_id,
+            total_blocks=total_blocks,
+            span_start=span_start,
+            span_end=span_end,
+            peer_id=identity.peer_id,
+            public_key=identity.public_key,
+            addresses=tuple(addresses),
+            dtype=dtype,
+            decode_tps=float(decode_tps),
+            prefill_tps=float(prefill_tps),
+            free_cache_tokens=free_cache_tokens,
+            load=float(load),
+            seq=0,
+            expiry=0.0,
+        )
+        sign_entry(self._entry, identity)  # reject bad fields here, not in the refresh loop
+        self._refresher: asyncio.Task[None] | None = None
+        self._publishing = asyncio.Lock()
+
+    @property
+    def entry(self) -> ProviderEntry:
+        """The entry as last published (or as it will be first published)."""
+        return self._entry
+
+    async def start(self) -> AnnounceReport:
+        """Publish now, then keep refreshing every third of the TTL until :meth:`stop`."""
+        report = await self.publish()
+        self._refresher = asyncio.ensure_future(self._refresh_forever())
+        return report
+
+    def update(
+        self,
+        *,
+        decode_tps: float | None = None,
+        prefill_tps: float | None = None,
+        free_cache_tokens: int | None = None,
+        load: float | None = None,
+        rtts: dict[bytes, float] | None = None,
+    ) -> None:
+        """Change the dynamic fields. ``rtts`` keeps only the :data:`MAX_RTTS` nearest neighbours."""
+        changes: dict[str, object] = {}
+        if decode_tps is not None:
+            changes["decode_tps"] = float(decode_tps)
+        if prefill_tps is not None:
+            changes["prefill_tps"] = float(prefill_tps)
+        if free_cache_tokens is not None:
+            changes["free_cache_tokens"] = free_cache_tokens
+        if load is not None:
+            changes["load"] = float(load)
+        if rtts is not None:
+            changes["rtts"] = dict(sorted(rtts.items(), key=lambda item: item[1])[:MAX_RTTS])
+        updated = dataclasses.replace(self._entry, **changes)
+        sign_entry(updated, self.identity)  # raises RecordError on a bad value
+        self._entry = updated
+
+    async def publish(self, *, withdrawn: bool = False) -> AnnounceReport:
+        """Sign the entry with a new seq and expiry and store it under all its keys."""
+        async with self._publishing:
+            started = time.monotonic()
+            now = time.time()
+            # Microseconds since the epoch: a restarted worker's seq is above its previous life's.
+            seq = max(self._entry.seq + 1, time.time_ns() // 1000)
+            self._entry = dataclasses.replace(
+                self._entry, seq=seq, expiry=now + self.ttl, withdrawn=withdrawn
+            )
+            wire = sign_entry(self._entry, self.identity)
+            keys = self._entry.key_names
+            counts = await asyncio.gather(*(self.node.store_entry(key, wire) for key in keys))
+            accepted = dict(zip(keys, counts, strict=True))
+            retry = [key for key, count in accepted.items() if count == 0]
+            if retry:  # one more try for keys no node took (lost datagrams, a stale routing table)
+                counts = await asyncio.gather(*(self.node.store_entry(key, wire) for key in retry))
+                accepted.update(zip(retry, counts, strict=True))
+            report = AnnounceReport(accepted, time.monotonic() - started)
+        if report.failed_keys:
+            log.warning("announce of %s blocks %d-%d: %d of %d keys stored nowhere",
+                        self._entry.model_id, self._entry.span_start, self._entry.span_end - 1,
+                        len(report.failed_keys), len(keys))
+        return report
+
+    async def stop(self) -> AnnounceReport:
+        """Stop refreshing and publish a withdrawal, so storing nodes drop the entry now."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+            self._refresher = None
+        return await self.publish(withdrawn=True)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            await self.publish()

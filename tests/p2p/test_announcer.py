@@ -1,0 +1,91 @@
+"""The Announcer against real DHT nodes on loopback (one process)."""
+
+import asyncio
+
+import pytest
+
+from inferencemesh.p2p.announcer import Announcer
+from inferencemesh.p2p.errors import RecordError
+from inferencemesh.p2p.identity import Identity
+from inferencemesh.p2p.lookup import find_block_providers
+from inferencemesh.p2p.node import DHTConfig, DHTNode
+
+CONFIG = DHTConfig(rpc_timeout=0.2)
+
+
+async def small_swarm(n: int = 4) -> list[DHTNode]:
+    first = await DHTNode.start(config=CONFIG)
+    rest = [await DHTNode.start(bootstrap=[first.address], config=CONFIG) for _ in range(n - 1)]
+    return [first, *rest]
+
+
+def make_announcer(node: DHTNode, ttl: float) -> Announcer:
+    return Announcer(node, node.identity, model_id="m", total_blocks=4, span_start=1, span_end=3,
+                     addresses=["127.0.0.1:7001"], dtype="bfloat16", decode_tps=50.0, ttl=ttl)
+
+
+def test_refreshes_keep_an_entry_alive_past_its_ttl_and_stop_withdraws_it():
+    async def main():
+        nodes = await small_swarm()
+        announcer = make_announcer(nodes[1], ttl=1.2)
+        await announcer.start()
+        first_seq = announcer.entry.seq
+        client = await DHTNode.start(bootstrap=[nodes[0].address], client_mode=True, config=CONFIG)
+        await asyncio.sleep(2.0)  # past the TTL of the first publish: only refreshes keep it
+        alive = await find_block_providers(client, "m", 4)
+        refreshed_seq = announcer.entry.seq
+        await announcer.stop()
+        after_stop = await find_block_providers(client, "m", 4)
+        for node in [client, *nodes]:
+            await node.close()
+        return first_seq, refreshed_seq, alive, after_stop
+
+    first_seq, refreshed_seq, alive, after_stop = asyncio.run(main())
+    assert refreshed_seq > first_seq
+    assert [len(alive[b]) for b in range(4)] == [0, 1, 1, 0]
+    assert alive[1][0].seq > first_seq and alive[1][0].dtype == "bfloat16"
+    assert after_stop == {b: [] for b in range(4)}
+
+
+def test_updated_dynamic_fields_are_published():
+    neighbour = Identity.generate().peer_id
+
+    async def main():
+        nodes = await small_swarm()
+        announcer = make_announcer(nodes[2], ttl=30)
+        await announcer.start()
+        announcer.update(free_cache_tokens=777, load=0.25, decode_tps=80.0, prefill_tps=900.0,
+                         rtts={neighbour: 0.003})
+        report = await announcer.publish()
+        client = await DHTNode.start(bootstrap=[nodes[0].address], client_mode=True, config=CONFIG)
+        found = await find_block_providers(client, "m", 4)
+        await announcer.stop()
+        for node in [client, *nodes]:
+            await node.close()
+        return report, found[2][0]
+
+    report, entry = asyncio.run(main())
+    assert report.failed_keys == [] and len(report.accepted) == 4  # 2 blocks + directory + index
+    assert (entry.free_cache_tokens, entry.load) == (777, 0.25)
+    assert (entry.decode_tps, entry.prefill_tps) == (80.0, 900.0)
+    assert entry.rtts == {neighbour: 0.003}
+
+
+def test_bad_fields_are_refused_up_front():
+    async def main():
+        node = await DHTNode.start(config=CONFIG)
+        try:
+            with pytest.raises(RecordError):
+                Announcer(node, node.identity, model_id="m", total_blocks=4, span_start=3, span_end=9,
+                          addresses=["127.0.0.1:7001"], dtype="float32")
+            announcer = make_announcer(node, ttl=30)
+            with pytest.raises(RecordError):
+                announcer.update(load=float("nan"))
+            assert announcer.entry.load == 0.0
+            many = {Identity.generate().peer_id: i / 1000 for i in range(40)}
+            announcer.update(rtts=many)
+            assert sorted(announcer.entry.rtts.values()) == [i / 1000 for i in range(24)]  # nearest kept
+        finally:
+            await node.close()
+
+    asyncio.run(main())
