@@ -98,4 +98,5 @@ async def find_route(
         client_rtts,
         banned=banned | unreachable,
         cost=CostModel(cache_tokens_needed=cache_tokens),
+        whole_spans=True,  # a worker computes its whole span for a session
     )

@@ -65,12 +65,17 @@ def plan_route(
     banned: Collection[bytes] = (),
     cost: CostModel | None = None,
     rng: random.Random | None = None,
+    whole_spans: bool = False,
 ) -> Route:
     """The chain with the lowest expected decode-step latency covering blocks ``0 .. num_blocks-1``.
 
     ``providers`` maps each block to the entries serving it (as :func:`find_block_providers`
     returns), ``client_rtts`` the client's measured RTTs in seconds by peer id, and ``banned`` peer
-    ids never to use. Raises :class:`NoRouteError` naming the blocks no usable peer serves.
+    ids never to use. With ``whole_spans``, every hop runs a worker's entire announced span (a chain
+    may only pass from one worker to the next where the first one's span ends and the next one's
+    begins), which is what workers that compute their span as one unit need. Raises
+    :class:`NoRouteError` naming the blocks no usable peer serves (or, with ``whole_spans``, the first
+    blocks that no chain of whole spans reaches).
     """
     cost = cost or CostModel()
     rng = rng or random.Random()
@@ -94,11 +99,17 @@ def plan_route(
                 options = [
                     (previous_cost + costs.transfer(usable[block - 1][prev_id], peer, block), prev_id)
                     for prev_id, previous_cost in best[block - 1].items()
+                    if not whole_spans or _can_follow(usable[block - 1][prev_id], peer, block)
                 ]
+            if not options:
+                continue
             lowest = min(c for c, _ in options)
             best[block][peer.peer_id] = lowest + costs.compute(peer)
             came_from[block][peer.peer_id] = [p for c, p in options if _equal(c, lowest)]
 
+    unreachable = [block for block, reached in enumerate(best) if not reached]
+    if unreachable:
+        raise NoRouteError(model_id, unreachable)
     last = usable[-1]
     totals = {peer_id: c + costs.last_leg(last[peer_id]) for peer_id, c in best[-1].items()}
     lowest_total = min(totals.values())
@@ -110,6 +121,13 @@ def plan_route(
         peer_id = rng.choice(came_from[block][peer_id])
     chosen.reverse()
     return Route(_hops(chosen, usable), lowest_total)
+
+
+def _can_follow(previous: ProviderEntry, peer: ProviderEntry, block: int) -> bool:
+    """Whole spans: stay on the same worker, or switch exactly at a span boundary."""
+    if previous.peer_id == peer.peer_id:
+        return True
+    return previous.span_end == block and peer.span_start == block
 
 
 def _usable_providers(

@@ -153,3 +153,24 @@ def test_planner_finds_the_cheapest_chain_of_a_random_swarm(data):
     assert route.hops[0].start == 0 and route.hops[-1].end == blocks
     assert all(a.end == b.start for a, b in itertools.pairwise(route.hops))
     assert all(h.entry.span_start <= h.start and h.end <= h.entry.span_end for h in route.hops)
+
+
+def test_whole_spans_only_switch_workers_at_span_boundaries():
+    # Overlapping spans: 0-4 on a fast worker, 2-6 on another. A split route would run 0-2 on the
+    # first and 2-6 on the second; workers that compute whole spans cannot do that.
+    entries = [worker(0, 0, 4, tps=1000.0), worker(1, 2, 6, tps=1000.0), worker(2, 0, 6, tps=10.0)]
+    split = plan_route("m", providers_of(entries, 6), 6, {})
+    assert any((h.start, h.end) != (h.entry.span_start, h.entry.span_end) for h in split.hops)
+    whole = plan_route("m", providers_of(entries, 6), 6, {}, whole_spans=True)
+    assert chain(whole) == [(2, 0, 6)]
+    with pytest.raises(NoRouteError) as caught:
+        plan_route("m", providers_of(entries[:2], 6), 6, {}, whole_spans=True)
+    assert caught.value.missing_blocks == [4, 5]
+
+
+def test_whole_spans_chain_aligned_spans():
+    entries = [worker(0, 0, 2), worker(1, 2, 4), worker(2, 4, 6), worker(3, 2, 4, tps=1.0)]
+    route = plan_route("m", providers_of(entries, 6), 6, {}, whole_spans=True)
+    assert chain(route) == [(0, 0, 2), (1, 2, 4), (2, 4, 6)]
+    for hop in route.hops:
+        assert (hop.start, hop.end) == (hop.entry.span_start, hop.entry.span_end)
