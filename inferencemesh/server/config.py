@@ -27,6 +27,9 @@ class WorkerConfig:
         31330, "DHT UDP port; the QUIC data plane binds PORT+1 (space workers on one host 10 apart)"
     )
     announce_host: str = setting("", "address peers should dial (default: --host, or 127.0.0.1 for 0.0.0.0)")
+    announce_port: int = setting(
+        0, "QUIC port peers should dial, e.g. behind NAT or a proxy (default: PORT+1)"
+    )
     device: str = setting("cpu", "torch device: cpu or cuda[:N]", choices=["cpu", "cuda"])
     dtype: str = setting("float32", "weight and cache dtype", choices=["float32", "bfloat16", "float16"])
     identity: str = setting("", "ed25519 identity file (created 0600 when missing); empty: a new identity")

@@ -100,7 +100,7 @@ class Worker:
         self.dht = await DHTNode.start(
             self.identity, host=config.host, port=config.port, bootstrap=config.bootstrap
         )
-        address = format_host_port(self.announce_host, data_plane_port(config.port))
+        address = format_host_port(self.announce_host, config.announce_port or data_plane_port(config.port))
         self.announcer = Announcer(
             self.dht,
             self.identity,
