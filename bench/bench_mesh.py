@@ -151,16 +151,18 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot (needs matplotlib)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
     args = parser.parse_args()
     model_dir = prepare_model("smollm2")
-    print(f"torch threads: {torch.get_num_threads()}")
+    torch.set_num_threads(args.threads)
+    print(f"torch threads: {args.threads} in this process and in each worker")
 
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as logs:
         swarm = LocalSwarm(Path(logs))
         swarm.start_bootstrap()
         for layers in ("1-10", "11-20", "21-30"):
-            swarm.start_worker(layers, model_dir, "--stats-interval", "3600")
+            swarm.start_worker(layers, model_dir, "--stats-interval", "3600", "--threads", str(args.threads))
         try:
             swarm.wait_for_workers(3)
             client = DistributedModelForCausalLM.from_pretrained(model_dir, [swarm.bootstrap])

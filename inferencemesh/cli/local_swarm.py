@@ -66,7 +66,11 @@ class LocalSwarm:
         self.spawn("bootstrap", "bootstrap", "--host", "127.0.0.1", "--port", str(self.base_port))
 
     def start_worker(self, layers: str, model_path: Path, *extra: str, name: str = "") -> str:
-        """Starts a worker in the next free port slot; returns its name."""
+        """Starts a worker in the next free port slot; returns its name.
+
+        Workers get one compute thread each: several share this machine's cores, and idle OpenMP
+        threads spinning against each other's processes cost far more than they bring.
+        """
         port = self.base_port + PORT_STRIDE * self._next_slot
         self._next_slot += 1
         name = name or f"worker-{layers}-{port}"
@@ -83,6 +87,8 @@ class LocalSwarm:
             "127.0.0.1",
             "--port",
             str(port),
+            "--threads",
+            "1",
             *extra,
         )
         return name

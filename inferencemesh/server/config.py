@@ -33,6 +33,7 @@ class WorkerConfig:
     device: str = setting("cpu", "torch device: cpu or cuda[:N]", choices=["cpu", "cuda"])
     dtype: str = setting("float32", "weight and cache dtype", choices=["float32", "bfloat16", "float16"])
     identity: str = setting("", "ed25519 identity file (created 0600 when missing); empty: a new identity")
+    threads: int = setting(0, "torch compute threads; 0: torch's default (one per core)")
     cache_bytes: int = setting(256 << 20, "KV cache budget in bytes")
     max_session_length: int = setting(2048, "largest max_length a session may reserve (tokens)")
     max_batch: int = setting(32, "most decode steps batched into one forward")

@@ -57,6 +57,8 @@ class Worker:
 
     async def start(self) -> None:
         config = self.config
+        if config.threads:
+            torch.set_num_threads(config.threads)
         model = ModelConfig.load(config.model_path)
         start, end = parse_block_range(config.layers, model.num_layers)
         log.info("worker %s (peer id %s)", self.identity.short_id, self.identity.peer_id_hex)
