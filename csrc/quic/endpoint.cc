@@ -1,0 +1,580 @@
+#include "quic/endpoint.h"
+
+#include <gnutls/crypto.h>
+#include <ngtcp2/ngtcp2_crypto.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/timerfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <ctime>
+#include <future>
+
+namespace im::quic {
+namespace {
+
+uint64_t now_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+std::string cid_key(const ngtcp2_cid& cid) { return std::string(reinterpret_cast<const char*>(cid.data), cid.datalen); }
+
+// Reads (and so clears) an eventfd or timerfd.
+void drain_fd(int fd) {
+  uint64_t value;
+  while (::read(fd, &value, sizeof value) < 0 && errno == EINTR) {
+  }
+}
+
+void check_config(const Config& c) {
+  auto bad = [](const std::string& what) { throw std::invalid_argument("invalid transport config: " + what); };
+  if (c.max_frame_size < kFrameHeaderSize) bad("max_frame_size is smaller than a frame header");
+  if (c.max_pending_bytes < c.max_frame_size) bad("max_pending_bytes must be >= max_frame_size");
+  if (c.connection_window < (64u << 10) || c.stream_window < (64u << 10)) bad("flow-control windows below 64 KiB");
+  if (c.max_streams == 0 || c.max_connections == 0) bad("max_streams and max_connections must be positive");
+  if (!(c.dead_peer_timeout_s > 0) || !(c.idle_timeout_s > 0) || !(c.handshake_timeout_s > 0)) {
+    bad("timeouts must be positive");
+  }
+  if (c.max_udp_payload < 1200 || c.max_udp_payload > 65527 - 8) bad("max_udp_payload must be 1200..65519");
+}
+
+}  // namespace
+
+Endpoint::Endpoint(const uint8_t* seed, size_t seed_len, const std::string& host, uint16_t port, Config config,
+                   std::shared_ptr<EventSink> sink, std::shared_ptr<BufferPool> pool)
+    : config_((check_config(config), std::move(config))),
+      sink_(std::move(sink)),
+      identity_(seed, seed_len, config_.alpn),
+      socket_(host, port, config_.socket_buffer_bytes, config_.gso, config_.gro),
+      tx_(socket_, config_.max_udp_payload),
+      pool_(pool ? std::move(pool) : BufferPool::create(config_.pool_bytes)),
+      rx_buf_(UdpSocket::kMaxBatchBytes) {
+  gnutls_rnd(GNUTLS_RND_KEY, reset_secret_, sizeof reset_secret_);
+  counters_.gso = socket_.gso();
+  counters_.gro = socket_.gro();
+  epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
+  command_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  timer_fd_ = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+  if (epoll_fd_ < 0 || command_fd_ < 0 || timer_fd_ < 0) {
+    for (int fd : {epoll_fd_, command_fd_, timer_fd_}) {
+      if (fd >= 0) ::close(fd);
+    }
+    throw SocketError(std::string("creating epoll/eventfd/timerfd: ") + std::strerror(errno));
+  }
+  for (int fd : {socket_.fd(), command_fd_, timer_fd_}) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = fd;
+    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev);
+  }
+  thread_ = std::thread([this] { run(); });
+}
+
+Endpoint::~Endpoint() {
+  close();
+  ::close(epoll_fd_);
+  ::close(command_fd_);
+  ::close(timer_fd_);
+}
+
+uint16_t Endpoint::port() const {
+  const auto& s = socket_.local().storage;
+  return ntohs(s.ss_family == AF_INET ? reinterpret_cast<const sockaddr_in*>(&s)->sin_port
+                                      : reinterpret_cast<const sockaddr_in6*>(&s)->sin6_port);
+}
+
+// --- commands -----------------------------------------------------------------------------------------
+
+// The endpoint whose engine lock this thread holds, if any: commands posted from inside engine work
+// (an EventSink callback) are queued and picked up before that work ends.
+static thread_local const Endpoint* t_engine = nullptr;
+
+bool Endpoint::post(Command cmd) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (closed_) return false;
+    commands_.push_back(std::move(cmd));
+  }
+  if (t_engine == this) return true;
+  if (engine_.try_lock()) {
+    t_engine = this;
+    turn();
+    t_engine = nullptr;
+    engine_.unlock();
+    sink_->flush();
+  } else {
+    wake_io_thread();  // it holds the engine now and will look at the queue again
+  }
+  return true;
+}
+
+void Endpoint::wake_io_thread() {
+  const uint64_t one = 1;
+  while (::write(command_fd_, &one, sizeof one) < 0 && errno == EINTR) {
+  }
+}
+
+void Endpoint::run_commands() {
+  std::vector<Command> batch;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    batch.swap(commands_);
+  }
+  for (Command& cmd : batch) cmd();
+}
+
+// Commands capture frames through a shared holder so that a command destroyed without running (the
+// endpoint closed first) leaves the frame with the caller's thread instead of the I/O thread.
+bool Endpoint::request(uint64_t token, const PeerId& peer, std::optional<Address> address, OutFrame& frame,
+                       double timeout_s) {
+  auto holder = std::make_shared<OutFrame>(std::move(frame));
+  const uint64_t deadline = timeout_s > 0 ? now_ns() + static_cast<uint64_t>(timeout_s * 1e9) : 0;
+  const bool ok = post([this, token, peer, address, holder, deadline] {
+    if (deadline != 0) {
+      deadlines_.emplace(deadline, token);
+      token_deadline_[token] = deadline;
+    }
+    submit(true, token, peer, address, std::move(*holder));
+  });
+  if (!ok) frame = std::move(*holder);
+  return ok;
+}
+
+bool Endpoint::send(uint64_t token, const PeerId& peer, std::optional<Address> address, OutFrame& frame) {
+  auto holder = std::make_shared<OutFrame>(std::move(frame));
+  const bool ok = post([this, token, peer, address, holder] { submit(false, token, peer, address, std::move(*holder)); });
+  if (!ok) frame = std::move(*holder);
+  return ok;
+}
+
+bool Endpoint::respond(uint64_t incoming, OutFrame& frame) {
+  auto holder = std::make_shared<OutFrame>(std::move(frame));
+  const bool ok = post([this, incoming, holder] {
+    auto it = incoming_.find(incoming);
+    if (it == incoming_.end()) {
+      release(std::move(holder->keepalive));
+      return;
+    }
+    const Incoming in = it->second;
+    incoming_.erase(it);
+    Connection* c = find(in.serial);
+    if (c == nullptr) {
+      release(std::move(holder->keepalive));
+      return;
+    }
+    c->respond(in.stream_id, std::move(*holder));
+    c->finish_incoming(in.nbytes);
+  });
+  if (!ok) frame = std::move(*holder);
+  return ok;
+}
+
+void Endpoint::reject(uint64_t incoming, uint64_t app_error) {
+  post([this, incoming, app_error] {
+    auto it = incoming_.find(incoming);
+    if (it == incoming_.end()) return;
+    const Incoming in = it->second;
+    incoming_.erase(it);
+    if (Connection* c = find(in.serial)) {
+      c->reject(in.stream_id, app_error);
+      c->finish_incoming(in.nbytes);
+    }
+  });
+}
+
+void Endpoint::finish(uint64_t incoming) {
+  post([this, incoming] {
+    auto it = incoming_.find(incoming);
+    if (it == incoming_.end()) return;
+    const Incoming in = it->second;
+    incoming_.erase(it);
+    if (Connection* c = find(in.serial)) c->finish_incoming(in.nbytes);
+  });
+}
+
+void Endpoint::cancel(uint64_t token) {
+  post([this, token] { cancel_everywhere(token); });
+}
+
+void Endpoint::cancel_everywhere(uint64_t token) {
+  // Tokens are not indexed by connection: a cancel is rare (a timeout), a scan is cheap.
+  for (auto& [serial, c] : conns_) c->cancel(token);
+  if (auto it = token_deadline_.find(token); it != token_deadline_.end()) {
+    deadlines_.erase({it->second, token});
+    token_deadline_.erase(it);
+  }
+}
+
+void Endpoint::expire_requests(uint64_t now) {
+  while (!deadlines_.empty() && deadlines_.begin()->first <= now) {
+    const uint64_t token = deadlines_.begin()->second;
+    cancel_everywhere(token);
+    Event e{Event::Type::kFailed};
+    e.token = token;
+    e.error = ErrorKind::kTimeout;
+    e.message = "no response within the request timeout";
+    sink_->on_event(std::move(e));
+  }
+}
+
+void Endpoint::emit(Event&& event) {
+  if (event.type != Event::Type::kIncoming && !token_deadline_.empty()) {
+    if (auto it = token_deadline_.find(event.token); it != token_deadline_.end()) {
+      deadlines_.erase({it->second, event.token});
+      token_deadline_.erase(it);
+    }
+  }
+  sink_->on_event(std::move(event));
+}
+
+std::optional<PeerStats> Endpoint::peer_stats(const PeerId& peer) {
+  auto promise = std::make_shared<std::promise<std::optional<PeerStats>>>();
+  auto result = promise->get_future();
+  if (!post([this, peer, promise] {
+        std::optional<PeerStats> out;
+        for (auto& [serial, c] : conns_) {
+          if (!c->alive() || c->peer() != peer || !c->established()) continue;
+          const PeerStats st = c->stats();
+          if (!out) {
+            out = st;
+            continue;
+          }
+          // Several connections with one peer (both dialled at once): add up counters, keep the
+          // preferred connection's RTT.
+          if (peers_.count(peer) && peers_[peer] == serial) {
+            out->srtt_s = st.srtt_s;
+            out->min_rtt_s = st.min_rtt_s;
+            out->cwnd = st.cwnd;
+          }
+          out->bytes_sent += st.bytes_sent;
+          out->bytes_received += st.bytes_received;
+          out->messages_sent += st.messages_sent;
+          out->messages_received += st.messages_received;
+          out->packets_lost += st.packets_lost;
+          out->frames_dropped += st.frames_dropped;
+          out->open_streams += st.open_streams;
+          out->bytes_in_flight += st.bytes_in_flight;
+          out->connections += 1;
+        }
+        promise->set_value(out);
+      })) {
+    return std::nullopt;
+  }
+  return result.get();
+}
+
+EndpointStats Endpoint::stats() {
+  auto promise = std::make_shared<std::promise<EndpointStats>>();
+  auto result = promise->get_future();
+  if (!post([this, promise] {
+        EndpointStats st = counters_;
+        st.connections = conns_.size();
+        st.socket_drops = socket_.drops();
+        st.sendmsg_calls = socket_.sendmsg_calls();
+        st.datagrams_sent = tx_.datagrams_sent();
+        st.gso = socket_.gso();
+        promise->set_value(st);
+      })) {
+    EndpointStats st = counters_;
+    st.gso = socket_.gso();
+    return st;
+  }
+  return result.get();
+}
+
+void Endpoint::close() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (closed_ && !thread_.joinable()) return;
+  }
+  post([this] { stopping_ = true; });
+  wake_io_thread();  // the stop may have run on this thread; the I/O thread must see it
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    closed_ = true;
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+// --- operations on the I/O thread ------------------------------------------------------------------
+
+void Endpoint::fail(uint64_t token, ErrorKind kind, std::string message, OutFrame& frame) {
+  Event e{Event::Type::kFailed};
+  e.token = token;
+  e.error = kind;
+  e.message = std::move(message);
+  emit(std::move(e));
+  release(std::move(frame.keepalive));
+}
+
+void Endpoint::submit(bool request, uint64_t token, const PeerId& peer, std::optional<Address> address,
+                      OutFrame frame) {
+  if (stopping_) {
+    fail(token, ErrorKind::kEndpointClosed, "the endpoint is closed", frame);
+    return;
+  }
+  if (frame.size > config_.max_frame_size) {
+    fail(token, ErrorKind::kFrameTooLarge,
+         "frame of " + std::to_string(frame.size) + " bytes exceeds max_frame_size " +
+             std::to_string(config_.max_frame_size),
+         frame);
+    return;
+  }
+  std::string why;
+  Connection* c = connection_for(peer, address, &why);
+  if (c == nullptr) {
+    fail(token, why.rfind("connection limit", 0) == 0 ? ErrorKind::kResourceExhausted : ErrorKind::kPeerUnreachable,
+         why, frame);
+    return;
+  }
+  if (request) {
+    c->request(token, std::move(frame));
+  } else {
+    c->send(token, std::move(frame));
+  }
+}
+
+Connection* Endpoint::connection_for(const PeerId& peer, const std::optional<Address>& address, std::string* why) {
+  if (auto it = peers_.find(peer); it != peers_.end()) {
+    if (Connection* c = find(it->second); c != nullptr && c->alive()) return c;
+  }
+  std::optional<Address> target = address;
+  if (!target) {
+    if (auto it = addresses_.find(peer); it != addresses_.end()) target = it->second;
+  }
+  if (!target) {
+    *why = "no connection to peer " + peer_id_hex(peer, 6) + " and no address given";
+    return nullptr;
+  }
+  if (peer == peer_id()) {
+    *why = "cannot connect to our own peer id";
+    return nullptr;
+  }
+  if (conns_.size() >= config_.max_connections) {
+    *why = "connection limit (" + std::to_string(config_.max_connections) + ") reached";
+    return nullptr;
+  }
+  if (target->storage.ss_family == AF_INET6 && socket_.family() == AF_INET) {
+    *why = "cannot reach IPv6 address " + target->to_string() + " from an IPv4-only endpoint";
+    return nullptr;
+  }
+  const Address remote = to_socket_family(*target, socket_.family());
+  const uint64_t serial = next_serial_++;
+  auto conn = Connection::connect(*this, identity_, serial, socket_.local(), remote, peer, now_ns());
+  Connection* raw = conn.get();
+  conns_.emplace(serial, std::move(conn));
+  peers_[peer] = serial;
+  addresses_[peer] = *target;
+  return raw;
+}
+
+Connection* Endpoint::find(uint64_t serial) {
+  auto it = conns_.find(serial);
+  return it == conns_.end() ? nullptr : it->second.get();
+}
+
+// --- ConnectionHost ----------------------------------------------------------------------------------
+
+void Endpoint::add_cid(const ngtcp2_cid& cid, Connection* conn) { cids_[cid_key(cid)] = conn; }
+
+void Endpoint::remove_cid(const ngtcp2_cid& cid) { cids_.erase(cid_key(cid)); }
+
+void Endpoint::reset_token(uint8_t* token, const ngtcp2_cid& cid) {
+  ngtcp2_crypto_generate_stateless_reset_token(token, reset_secret_, sizeof reset_secret_, &cid);
+}
+
+void Endpoint::release(std::shared_ptr<void> keepalive) {
+  if (keepalive) sink_->release(std::move(keepalive));
+}
+
+uint64_t Endpoint::register_incoming(Connection* conn, int64_t stream_id, uint64_t nbytes) {
+  const uint64_t id = next_incoming_++;
+  incoming_.emplace(id, Incoming{conn->serial(), stream_id, nbytes});
+  return id;
+}
+
+void Endpoint::handshake_completed(Connection* conn) {
+  // The newest authenticated connection becomes the peer's preferred one (an inbound connection is
+  // how we answer a peer behind NAT that dialled us).
+  peers_[conn->peer()] = conn->serial();
+}
+
+// --- the I/O loop ------------------------------------------------------------------------------------
+
+void Endpoint::run() {
+  epoll_event events[8];
+  for (;;) {
+    const int n = epoll_wait(epoll_fd_, events, 8, -1);
+    std::unique_lock<std::mutex> engine(engine_);
+    t_engine = this;
+    const uint64_t now = now_ns();
+    for (int i = 0; i < n; ++i) {
+      const int fd = events[i].data.fd;
+      if (fd == socket_.fd()) {
+        if (events[i].events & EPOLLOUT) tx_.flush();
+        if (events[i].events & EPOLLIN) read_socket(now);
+      } else {
+        drain_fd(fd);  // command eventfd or timerfd: turn() looks at everything anyway
+        if (fd == timer_fd_) armed_ = 0;
+      }
+    }
+    turn();
+    if (stopping_) {
+      shutdown_connections(now_ns());
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        closed_ = true;
+      }
+      run_commands();  // commands that raced with close report kEndpointClosed
+      t_engine = nullptr;
+      engine.unlock();
+      sink_->flush();
+      return;
+    }
+    t_engine = nullptr;
+    engine.unlock();
+    sink_->flush();
+  }
+}
+
+void Endpoint::turn() {
+  // Event callbacks may post commands (a C++ handler responding); run those before going idle.
+  bool more = true;
+  while (more) {
+    run_commands();
+    expire_requests(now_ns());
+    handle_timeouts(now_ns());
+    write_all(now_ns());
+    reap(now_ns());
+    std::lock_guard<std::mutex> lock(mutex_);
+    more = !commands_.empty();
+  }
+  arm_timer(now_ns());
+}
+
+void Endpoint::read_socket(uint64_t now) {
+  // Bounded so that ACKs and responses go out even under a flood; the rest waits for the next turn.
+  for (int i = 0; i < 64; ++i) {
+    Address from;
+    size_t segment = 0;
+    const ssize_t n = socket_.receive(rx_buf_.data(), &from, &segment);
+    if (n < 0) break;
+    for (size_t off = 0; off < static_cast<size_t>(n); off += segment) {
+      on_datagram(from, rx_buf_.data() + off, std::min(segment, static_cast<size_t>(n) - off), now);
+    }
+  }
+}
+
+void Endpoint::on_datagram(const Address& from, const uint8_t* data, size_t len, uint64_t now) {
+  ++counters_.datagrams_received;
+  ngtcp2_version_cid vc;
+  if (len == 0 || ngtcp2_pkt_decode_version_cid(&vc, data, len, kCidLen) != 0) {
+    ++counters_.datagrams_discarded;
+    return;
+  }
+  if (auto it = cids_.find(std::string(reinterpret_cast<const char*>(vc.dcid), vc.dcidlen)); it != cids_.end()) {
+    if (it->second->alive()) it->second->read(from, data, len, now);
+    return;
+  }
+  ngtcp2_pkt_hd hd;
+  if ((data[0] & 0x80) == 0 || ngtcp2_accept(&hd, data, len) != 0 || conns_.size() >= config_.max_connections ||
+      stopping_) {
+    ++counters_.datagrams_discarded;  // not a new connection's Initial, or no room for one
+    return;
+  }
+  const uint64_t serial = next_serial_++;
+  std::unique_ptr<Connection> conn;
+  try {
+    conn = Connection::accept(*this, identity_, serial, socket_.local(), from, hd, now);
+  } catch (const std::exception&) {
+    ++counters_.datagrams_discarded;
+    return;
+  }
+  Connection* raw = conn.get();
+  conns_.emplace(serial, std::move(conn));
+  // The client keeps using its chosen DCID until it hears from us; route it here meanwhile.
+  add_cid(hd.dcid, raw);
+  raw->read(from, data, len, now);
+}
+
+void Endpoint::handle_timeouts(uint64_t now) {
+  for (auto& [serial, c] : conns_) {
+    if (c->alive() && c->expiry() <= now) c->handle_timeout(now);
+  }
+}
+
+void Endpoint::write_all(uint64_t now) {
+  for (auto& [serial, c] : conns_) {
+    if (tx_.blocked()) break;
+    if (c->dirty && c->alive() && !c->holding(now)) {
+      c->write(tx_, now);
+      tx_.flush();
+    }
+  }
+  if (tx_.blocked() != want_writable_) {
+    want_writable_ = tx_.blocked();
+    epoll_event ev{};
+    ev.events = EPOLLIN | (want_writable_ ? EPOLLOUT : 0u);
+    ev.data.fd = socket_.fd();
+    epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, socket_.fd(), &ev);
+  }
+}
+
+void Endpoint::reap(uint64_t now) {
+  for (auto it = conns_.begin(); it != conns_.end();) {
+    Connection* c = it->second.get();
+    if (c->alive()) {
+      ++it;
+      continue;
+    }
+    if (!c->established()) ++counters_.handshakes_failed;
+    c->close(tx_, kAppShutdown, now);
+    c->fail_outstanding(c->failure().kind, c->failure().message);
+    if (auto p = peers_.find(c->peer()); p != peers_.end() && p->second == c->serial()) peers_.erase(p);
+    for (auto in = incoming_.begin(); in != incoming_.end();) {
+      in = in->second.serial == c->serial() ? incoming_.erase(in) : std::next(in);
+    }
+    // The handshake's original DCID is registered outside ngtcp2's list of our CIDs.
+    for (auto cid = cids_.begin(); cid != cids_.end();) {
+      cid = cid->second == c ? cids_.erase(cid) : std::next(cid);
+    }
+    it = conns_.erase(it);
+  }
+}
+
+void Endpoint::arm_timer(uint64_t now) {
+  uint64_t next = deadlines_.empty() ? UINT64_MAX : deadlines_.begin()->first;
+  for (auto& [serial, c] : conns_) next = std::min(next, c->expiry());
+  // A deadline that moved later keeps the armed one: it fires early once and is re-armed then. Re-arming
+  // on every change costs two timerfd_settime calls per message, which on this VM (the timer write
+  // traps to the hypervisor) was a quarter of all CPU time of a request/response loop.
+  if (armed_ != 0 && armed_ <= next) return;
+  armed_ = next;
+  itimerspec spec{};
+  if (next != UINT64_MAX) {
+    const uint64_t at = std::max(next, now + 1);
+    spec.it_value.tv_sec = static_cast<time_t>(at / 1000000000ull);
+    spec.it_value.tv_nsec = static_cast<long>(at % 1000000000ull);
+  }
+  timerfd_settime(timer_fd_, TFD_TIMER_ABSTIME, &spec, nullptr);
+}
+
+void Endpoint::shutdown_connections(uint64_t now) {
+  for (auto& [serial, c] : conns_) {
+    if (c->alive()) c->close(tx_, kAppShutdown, now);
+    c->fail_outstanding(ErrorKind::kEndpointClosed, "the endpoint is closed");
+  }
+  conns_.clear();
+  cids_.clear();
+  peers_.clear();
+  incoming_.clear();
+  deadlines_.clear();
+  token_deadline_.clear();
+}
+
+}  // namespace im::quic

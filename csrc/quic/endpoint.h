@@ -1,0 +1,151 @@
+// A QUIC endpoint: one UDP socket, one I/O thread (epoll + timerfd + an eventfd for commands), acting
+// as client and server at once. It keeps one connection per remote peer, routes packets to connections
+// by connection id, runs their timers, and reports outcomes to an EventSink on the I/O thread.
+//
+// The public methods may be called from any thread. They queue a command; when the engine (the state of
+// all connections, guarded by one mutex) is free, the calling thread runs it at once, including writing
+// the packets, which saves a thread hop per message. Otherwise the I/O thread is woken to run it.
+// Frames handed in are kept (not copied) until the peer acknowledged them; their keep-alives come back
+// through EventSink::release.
+#pragma once
+
+#include <atomic>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "quic/connection.h"
+#include "quic/identity.h"
+#include "quic/tx_batch.h"
+#include "quic/types.h"
+#include "quic/udp_socket.h"
+
+namespace im::quic {
+
+struct PeerIdHash {
+  size_t operator()(const PeerId& id) const noexcept {
+    size_t h;
+    std::memcpy(&h, id.data(), sizeof h);  // peer ids are SHA-256 outputs: any 8 bytes are uniform
+    return h;
+  }
+};
+
+class Endpoint final : public ConnectionHost {
+ public:
+  // `seed`: 32-byte Ed25519 private key. `host`: numeric address to bind ("::" for dual-stack wildcard).
+  // Received frames land in `pool` (one of config.pool_bytes is made when null).
+  Endpoint(const uint8_t* seed, size_t seed_len, const std::string& host, uint16_t port, Config config,
+           std::shared_ptr<EventSink> sink, std::shared_ptr<BufferPool> pool = nullptr);
+  ~Endpoint() override;
+  Endpoint(const Endpoint&) = delete;
+  Endpoint& operator=(const Endpoint&) = delete;
+
+  const PeerId& peer_id() const noexcept { return identity_.peer_id(); }
+  const Address& local_address() const noexcept { return socket_.local(); }
+  uint16_t port() const;
+
+  // `address` may be empty: then the existing connection with the peer (or its last known address)
+  // is used, and the operation fails with kPeerUnreachable when there is none. A request without a
+  // response after `timeout_s` (> 0) is cancelled and fails with kTimeout.
+  // Each returns false (leaving `frame` with the caller) when the endpoint is closed.
+  bool request(uint64_t token, const PeerId& peer, std::optional<Address> address, OutFrame& frame,
+               double timeout_s = 0);
+  bool send(uint64_t token, const PeerId& peer, std::optional<Address> address, OutFrame& frame);
+  bool respond(uint64_t incoming, OutFrame& frame);
+  void reject(uint64_t incoming, uint64_t app_error);
+  void finish(uint64_t incoming);  // a one-way message's handler is done with it
+  void cancel(uint64_t token);
+
+  // These two wait for the engine's answer: never call them from an EventSink callback.
+  std::optional<PeerStats> peer_stats(const PeerId& peer);
+  EndpointStats stats();
+
+  // Closes every connection (CONNECTION_CLOSE to each peer), fails what is outstanding with
+  // kEndpointClosed, and joins the I/O thread. Idempotent.
+  void close();
+
+  // ConnectionHost.
+  const Config& config() const override { return config_; }
+  BufferPool& pool() override { return *pool_; }
+  void add_cid(const ngtcp2_cid& cid, Connection* conn) override;
+  void remove_cid(const ngtcp2_cid& cid) override;
+  void reset_token(uint8_t* token, const ngtcp2_cid& cid) override;
+  void emit(Event&& event) override;
+  void release(std::shared_ptr<void> keepalive) override;
+  uint64_t register_incoming(Connection* conn, int64_t stream_id, uint64_t nbytes) override;
+  void handshake_completed(Connection* conn) override;
+
+ private:
+  using Command = std::function<void()>;
+  struct Incoming {
+    uint64_t serial;
+    int64_t stream_id;
+    uint64_t nbytes;
+  };
+
+  bool post(Command cmd);
+  void wake_io_thread();
+  void run();
+  void turn();  // one round of engine work; the caller holds engine_
+  void run_commands();
+  void read_socket(uint64_t now);
+  void on_datagram(const Address& from, const uint8_t* data, size_t len, uint64_t now);
+  void handle_timeouts(uint64_t now);
+  void write_all(uint64_t now);
+  void reap(uint64_t now);
+  void arm_timer(uint64_t now);
+  void shutdown_connections(uint64_t now);
+
+  void submit(bool request, uint64_t token, const PeerId& peer, std::optional<Address> address, OutFrame frame);
+  void cancel_everywhere(uint64_t token);
+  void expire_requests(uint64_t now);
+  Connection* connection_for(const PeerId& peer, const std::optional<Address>& address, std::string* why);
+  Connection* find(uint64_t serial);
+  void fail(uint64_t token, ErrorKind kind, std::string message, OutFrame& frame);
+
+  Config config_;
+  std::shared_ptr<EventSink> sink_;
+  TlsIdentity identity_;
+  UdpSocket socket_;
+  TxBatch tx_;
+  std::shared_ptr<BufferPool> pool_;
+  uint8_t reset_secret_[32];
+
+  int epoll_fd_ = -1;
+  int command_fd_ = -1;  // eventfd: commands queued
+  int timer_fd_ = -1;
+  uint64_t armed_ = 0;   // deadline the timerfd is set to (UINT64_MAX: disarmed, 0: fired or never set)
+  bool want_writable_ = false;
+
+  std::mutex mutex_;
+  std::vector<Command> commands_;
+  bool closed_ = false;  // guarded by mutex_: no more commands are accepted
+  std::atomic<bool> stopping_{false};
+  std::thread thread_;
+
+  // Engine state (this and tx_, armed_, want_writable_ above), guarded by engine_: the I/O thread holds
+  // it while it works, other threads take it with try_lock only (never waiting for it).
+  std::mutex engine_;
+  uint64_t next_serial_ = 1;
+  uint64_t next_incoming_ = 1;
+  std::unordered_map<uint64_t, std::unique_ptr<Connection>> conns_;
+  std::unordered_map<std::string, Connection*> cids_;
+  std::unordered_map<PeerId, uint64_t, PeerIdHash> peers_;      // peer -> serial of its preferred connection
+  std::unordered_map<PeerId, Address, PeerIdHash> addresses_;   // last address each peer was reached at
+  std::unordered_map<uint64_t, Incoming> incoming_;
+  // Request timeouts, kept here rather than in asyncio: a Python timer per request makes every loop
+  // iteration arm a kernel timer, which costs ~10 us per round trip on this VM.
+  std::set<std::pair<uint64_t, uint64_t>> deadlines_;    // (deadline, token)
+  std::unordered_map<uint64_t, uint64_t> token_deadline_;  // token -> deadline
+  std::vector<uint8_t> rx_buf_;
+  EndpointStats counters_;
+};
+
+}  // namespace im::quic

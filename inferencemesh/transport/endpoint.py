@@ -1,0 +1,231 @@
+"""asyncio face of the native QUIC endpoint.
+
+The endpoint's I/O thread lives in C++; it reports completions through an eventfd that this module
+registers with ``loop.add_reader``, so nothing polls. Requests resolve futures; incoming frames are
+handed to the handler set with ``set_handler``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ipaddress
+import itertools
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from inferencemesh import _core
+from inferencemesh.transport.config import EndpointStats, PeerStats, TransportConfig
+from inferencemesh.transport.errors import EndpointClosed, error_for
+
+log = logging.getLogger(__name__)
+
+# A frame to send: a ``_core.EncodedFrame`` (zero-copy over its tensors) or any contiguous bytes-like
+# object holding one complete frame (zero-copy over its memory; do not modify it until the call returns).
+Frame = Any
+Address = tuple[str, int]
+# handler(peer_id, buffer) -> response frame for a request, None for a one-way message; may be a
+# coroutine function or a plain function (the latter runs inline, saving a task per message).
+Handler = Callable[[bytes, Any], Awaitable[Frame | None] | Frame | None]
+
+_RESPONSE, _FAILED, _SENT, _INCOMING = 0, 1, 2, 3
+_APP_HANDLER_FAILED = 1  # stream error code the requester sees as RemoteError (csrc/quic/types.h)
+
+
+class Endpoint:
+    """One QUIC endpoint per process: serves incoming frames and sends requests to peers."""
+
+    def __init__(self, native: Any, loop: asyncio.AbstractEventLoop, config: TransportConfig) -> None:
+        self._native = native
+        self._loop = loop
+        self._config = config
+        self._tokens = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future[Any], bytes]] = {}  # token -> (future, peer id)
+        self._numeric: dict[Address, tuple[str, int]] = {}
+        self._handler: Handler | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.peer_id: bytes = native.peer_id
+        self.port: int = native.port
+        loop.add_reader(native.event_fd, self._on_events)
+
+    @classmethod
+    async def start(
+        cls,
+        private_key: bytes,
+        host: str = "::",
+        port: int = 0,
+        config: TransportConfig | None = None,
+        pool: Any = None,
+    ) -> Endpoint:
+        """Binds UDP ``host:port`` (``"::"``: IPv4 and IPv6; port 0: any free port) and starts the I/O
+        thread. ``private_key`` is the node's 32-byte Ed25519 seed; ``pool`` an optional
+        ``_core.BufferPool`` for received frames (e.g. one with page-locking hooks)."""
+        config = config or TransportConfig()
+        if len(private_key) != 32:
+            raise ValueError("private_key must be the 32-byte Ed25519 seed")
+        native = _core.quic.Endpoint(
+            bytes(private_key), host, port, config.to_native(_core.quic.Config), pool
+        )
+        return cls(native, asyncio.get_running_loop(), config)
+
+    @property
+    def address(self) -> str:
+        """The bound socket address, e.g. ``[::]:4001`` or ``127.0.0.1:4001``."""
+        return str(self._native.local_address)
+
+    def set_handler(self, handler: Handler | None) -> None:
+        self._handler = handler
+
+    async def request(
+        self, peer_id: bytes, address: Address | None, frame: Frame, timeout: float | None = None
+    ) -> Any:
+        """Sends a request frame and returns the response as a ``_core.Buffer``.
+
+        ``address`` None means: use the existing connection with the peer (the way a chain's last worker
+        answers a client behind NAT), or the last address it was reached at. Raises a TransportError
+        subclass; ``RequestTimeout`` after ``timeout`` (default ``config.request_timeout_s``)."""
+        return await self._submit(True, peer_id, address, frame, timeout)
+
+    async def send(self, peer_id: bytes, address: Address | None, frame: Frame) -> None:
+        """Sends a one-way frame. Returns once QUIC has taken every byte (flow control admitted it), so a
+        slow receiver slows the sender down; the frame stays referenced until the peer acknowledged it."""
+        await self._submit(False, peer_id, address, frame, None)
+
+    async def _submit(
+        self, is_request: bool, peer_id: bytes, address: Address | None, frame: Frame, timeout: float | None
+    ) -> Any:
+        if self._closed:
+            raise EndpointClosed("the endpoint is closed", peer_id)
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if address is None:
+            host, port = None, 0
+        else:
+            host, port = self._numeric.get(address) or await self._resolve(address)
+        token = next(self._tokens)
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._pending[token] = (future, peer_id)
+        try:
+            if is_request:
+                # The native endpoint runs the timeout (an asyncio timer per request costs ~10 us).
+                delay = self._config.request_timeout_s if timeout is None else timeout
+                self._native.request(token, peer_id, host, port, frame, delay)
+            else:
+                self._native.send(token, peer_id, host, port, frame)
+        except BaseException:
+            del self._pending[token]
+            raise
+        try:
+            return await future
+        finally:
+            if self._pending.pop(token, None) is not None:  # the caller was cancelled: stop the request
+                self._native.cancel(token)
+
+    async def _resolve(self, address: Address) -> tuple[str, int]:
+        host, port = address
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            return str(infos[0][4][0]), int(port)
+        # Numeric addresses never change meaning; remembering them keeps parsing off the hot path.
+        if len(self._numeric) < 4096:
+            self._numeric[address] = (host.strip("[]"), int(port))
+        return host.strip("[]"), int(port)
+
+    def _on_events(self) -> None:
+        for event in self._native.poll():
+            kind = event[0]
+            if kind == _INCOMING:
+                self._dispatch(event[1], event[2], event[3], event[4])
+                continue
+            entry = self._pending.pop(event[1], None)
+            if entry is None or entry[0].done():
+                continue
+            if kind == _FAILED:
+                entry[0].set_exception(error_for(event[2], event[3], entry[1]))
+            else:
+                entry[0].set_result(event[2] if kind == _RESPONSE else None)
+
+    def _dispatch(self, incoming: int, peer_id: bytes, buffer: Any, expects_response: bool) -> None:
+        handler = self._handler
+        if handler is None:
+            log.warning("frame from peer %s dropped: no handler is set", peer_id.hex()[:12])
+            self._complete(incoming, expects_response, None)
+            return
+        try:
+            result = handler(peer_id, buffer)
+        except Exception:
+            log.exception("handler failed on a frame from peer %s", peer_id.hex()[:12])
+            self._complete(incoming, expects_response, None)
+            return
+        if inspect.isawaitable(result):
+            task = self._loop.create_task(self._finish_async(incoming, peer_id, expects_response, result))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            self._complete(incoming, expects_response, result)
+
+    async def _finish_async(
+        self, incoming: int, peer_id: bytes, expects_response: bool, result: Awaitable[Any]
+    ) -> None:
+        try:
+            response = await result
+        except Exception:
+            log.exception("handler failed on a frame from peer %s", peer_id.hex()[:12])
+            response = None
+        self._complete(incoming, expects_response, response)
+
+    def _complete(self, incoming: int, expects_response: bool, response: Frame | None) -> None:
+        if self._closed:
+            return
+        if not expects_response:
+            if response is not None:
+                log.warning("handler returned a response to a one-way message; it is dropped")
+            self._native.finish(incoming)
+            return
+        if response is None:
+            self._native.reject(incoming, _APP_HANDLER_FAILED)
+            return
+        try:
+            self._native.respond(incoming, response)
+        except ValueError:
+            log.exception("handler returned something that is not a frame")
+            self._native.reject(incoming, _APP_HANDLER_FAILED)
+
+    def peer_stats(self, peer_id: bytes) -> PeerStats | None:
+        """Statistics of the live connection(s) with a peer, or None when there is none."""
+        stats = self._native.peer_stats(peer_id)
+        return None if stats is None else PeerStats(**stats)
+
+    def stats(self) -> EndpointStats:
+        return EndpointStats(**self._native.stats())
+
+    async def close(self) -> None:
+        """Closes every connection, fails outstanding operations with EndpointClosed, stops handlers."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._loop.remove_reader(self._native.event_fd)
+        self._native.close()
+        for event in self._native.poll():
+            entry = self._pending.pop(event[1], None) if event[0] == _FAILED else None
+            if entry is not None and not entry[0].done():
+                entry[0].set_exception(error_for(event[2], event[3], entry[1]))
+        for future, peer_id in self._pending.values():
+            if not future.done():
+                future.set_exception(EndpointClosed("the endpoint is closed", peer_id))
+        self._pending.clear()
+
+    async def __aenter__(self) -> Endpoint:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

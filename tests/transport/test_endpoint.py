@@ -1,0 +1,363 @@
+"""Behaviour of the QUIC endpoint between endpoints in this process, on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import time
+
+import pytest
+import torch
+from transport_helpers import ECHO, frame, metadata_of, new_key, run
+
+from inferencemesh import _core
+from inferencemesh.protocol.frames import decode_message, encode_message
+from inferencemesh.transport import (
+    Endpoint,
+    FrameTooLarge,
+    HandshakeFailed,
+    PeerIdMismatch,
+    PeerUnreachable,
+    RemoteError,
+    RequestTimeout,
+    TransportConfig,
+)
+
+
+async def pair(
+    config_a: TransportConfig | None = None, config_b: TransportConfig | None = None, host: str = "127.0.0.1"
+) -> tuple[Endpoint, Endpoint]:
+    a = await Endpoint.start(new_key(), host, 0, config_a)
+    b = await Endpoint.start(new_key(), host, 0, config_b)
+    return a, b
+
+
+def echo(peer_id: bytes, buffer: _core.Buffer) -> _core.Buffer:
+    return buffer
+
+
+def test_peer_id_is_sha256_of_the_public_key() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    async def main() -> None:
+        seed = new_key()
+        public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
+        ep = await Endpoint.start(seed, "127.0.0.1", 0)
+        assert ep.peer_id == hashlib.sha256(public).digest()
+        assert ep.port > 0
+        await ep.close()
+
+    run(main())
+
+
+def test_echo_of_tensors_roundtrips_exactly() -> None:
+    async def main() -> None:
+        a, b = await pair()
+        seen: list[bytes] = []
+
+        def handler(peer_id: bytes, buffer: _core.Buffer) -> object:
+            seen.append(peer_id)
+            request = decode_message(buffer)
+            return encode_message(
+                request.kind + 100, request.request_id, request.metadata, [t * 2 for t in request.tensors]
+            )
+
+        b.set_handler(handler)
+        hidden = torch.randn(3, 7, 576)
+        ids = torch.arange(21, dtype=torch.int64).reshape(3, 7)
+        request = encode_message(5, 42, {"session": "s1"}, [hidden, ids])
+        response = decode_message(await a.request(b.peer_id, ("127.0.0.1", b.port), request, timeout=10))
+        assert (response.kind, response.request_id, response.metadata) == (105, 42, {"session": "s1"})
+        assert torch.equal(response.tensors[0], hidden * 2)
+        assert torch.equal(response.tensors[1], ids * 2)
+        assert seen == [a.peer_id]  # the handler sees the authenticated peer id
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
+def test_thousand_concurrent_requests_share_one_connection() -> None:
+    async def main() -> None:
+        a, b = await pair()
+        b.set_handler(echo)
+        address = ("127.0.0.1", b.port)
+        payloads = [bytes([i % 251]) * (100 + i) for i in range(1000)]
+        responses = await asyncio.gather(
+            *(
+                a.request(b.peer_id, address, frame(ECHO, {"i": i}, p), timeout=30)
+                for i, p in enumerate(payloads)
+            )
+        )
+        for i, response in enumerate(responses):
+            assert metadata_of(response) == {"i": i}
+            assert bytes(response).endswith(payloads[i])
+        stats = a.peer_stats(b.peer_id)
+        assert stats is not None and stats.connections == 1 and stats.connected
+        assert stats.messages_sent == 1000 and stats.messages_received == 1000
+        assert stats.srtt_s > 0
+        assert a.stats().connections == 1 and b.stats().connections == 1
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
+def test_peer_id_mismatch_is_refused() -> None:
+    async def main() -> None:
+        a, b = await pair()
+        b.set_handler(echo)
+        wrong = hashlib.sha256(b"somebody else").digest()
+        with pytest.raises(PeerIdMismatch, match="expected"):
+            await a.request(wrong, ("127.0.0.1", b.port), frame(ECHO), timeout=10)
+        assert a.peer_stats(wrong) is None
+        # The endpoint is unharmed: the right peer id works at once.
+        assert metadata_of(await a.request(b.peer_id, ("127.0.0.1", b.port), frame(ECHO, {"ok": 1}))) == {
+            "ok": 1
+        }
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
+def test_unknown_alpn_is_refused() -> None:
+    async def main() -> None:
+        a, b = await pair(config_a=TransportConfig(alpn="someone-else/9"))
+        b.set_handler(echo)
+        with pytest.raises(HandshakeFailed, match="ALPN"):
+            await a.request(b.peer_id, ("127.0.0.1", b.port), frame(ECHO), timeout=10)
+        assert b.stats().handshakes_failed == 1
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
+def test_ipv6_loopback_and_dual_stack() -> None:
+    async def main() -> None:
+        v6 = await Endpoint.start(new_key(), "::1", 0)
+        dual = await Endpoint.start(new_key(), "::", 0)
+        for ep in (v6, dual):
+            ep.set_handler(echo)
+        assert metadata_of(await v6.request(dual.peer_id, ("::1", dual.port), frame(ECHO, {"v": 6}))) == {
+            "v": 6
+        }
+        client4 = await Endpoint.start(new_key(), "127.0.0.1", 0)
+        # An IPv4 client reaches the dual-stack endpoint, which answers over IPv4-mapped addresses.
+        assert metadata_of(
+            await client4.request(dual.peer_id, ("127.0.0.1", dual.port), frame(ECHO, {"v": 4}))
+        ) == {"v": 4}
+        with pytest.raises(PeerUnreachable, match="IPv4-only"):
+            await client4.request(v6.peer_id, ("::1", v6.port), frame(ECHO))
+        for ep in (v6, dual, client4):
+            await ep.close()
+
+    run(main())
+
+
+def test_request_without_address_uses_the_connection_the_peer_opened() -> None:
+    async def main() -> None:
+        client, worker = await pair()
+        client.set_handler(lambda peer_id, buf: frame(ECHO, {"answered_by": "client"}))
+        got: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+        async def on_message(peer_id: bytes, buffer: _core.Buffer) -> None:
+            # A one-way message: answer the sender over its own connection (it may be behind NAT).
+            got.set_result(await worker.request(peer_id, None, frame(ECHO), timeout=5))
+
+        worker.set_handler(on_message)
+        await client.send(worker.peer_id, ("127.0.0.1", worker.port), frame(ECHO, {"hello": 1}))
+        assert metadata_of(await asyncio.wait_for(got, 10)) == {"answered_by": "client"}
+        assert worker.stats().connections == 1  # no second connection was dialled
+        with pytest.raises(PeerUnreachable, match="no address"):
+            await worker.request(new_key()[:32], None, frame(ECHO))
+        await client.close()
+        await worker.close()
+
+    run(main())
+
+
+def test_handler_failure_and_missing_response_become_remote_errors() -> None:
+    async def main() -> None:
+        a, b = await pair()
+
+        async def handler(peer_id: bytes, buffer: _core.Buffer) -> object:
+            kind = metadata_of(buffer)["do"]
+            if kind == "raise":
+                raise RuntimeError("boom")
+            if kind == "none":
+                return None
+            return b"not a frame at all, far too short"
+
+        b.set_handler(handler)
+        address = ("127.0.0.1", b.port)
+        for what in ("raise", "none", "garbage"):
+            with pytest.raises(RemoteError):
+                await a.request(b.peer_id, address, frame(ECHO, {"do": what}), timeout=10)
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
+def test_request_timeout_cancels_and_the_connection_stays_usable() -> None:
+    async def main() -> None:
+        a, b = await pair()
+
+        async def handler(peer_id: bytes, buffer: _core.Buffer) -> object:
+            await asyncio.sleep(metadata_of(buffer)["sleep"])
+            return buffer
+
+        b.set_handler(handler)
+        address = ("127.0.0.1", b.port)
+        start = time.monotonic()
+        with pytest.raises(RequestTimeout):
+            await a.request(b.peer_id, address, frame(ECHO, {"sleep": 5}), timeout=0.3)
+        assert time.monotonic() - start < 2
+        assert metadata_of(await a.request(b.peer_id, address, frame(ECHO, {"sleep": 0}))) == {"sleep": 0}
+        stats = a.peer_stats(b.peer_id)
+        assert stats is not None and stats.connections == 1
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
+def test_oversized_frames_fail_on_either_side() -> None:
+    async def main() -> None:
+        small = TransportConfig(max_frame_size=1 << 20, max_pending_bytes=1 << 20)
+        a, b = await pair(config_a=small)
+        b.set_handler(echo)
+        address = ("127.0.0.1", b.port)
+        big = frame(ECHO, {}, bytes(2 << 20))
+        with pytest.raises(FrameTooLarge, match="max_frame_size"):
+            await a.request(b.peer_id, address, big)
+        # The receiver's limit: b accepts 2 MiB, a refuses the 2 MiB echo coming back.
+        with pytest.raises(FrameTooLarge):
+            await b.request(a.peer_id, ("127.0.0.1", a.port), big, timeout=10)
+        assert a.peer_stats(b.peer_id).frames_dropped == 1
+        with pytest.raises(_core.FrameError):
+            await a.request(b.peer_id, address, b"\x00" * 64)  # not a frame: refused before sending
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
+def test_unreachable_address_fails_within_the_dead_peer_bound() -> None:
+    async def main() -> None:
+        a = await Endpoint.start(new_key(), "127.0.0.1", 0)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # bound, never answers
+            silent.bind(("127.0.0.1", 0))
+            start = time.monotonic()
+            with pytest.raises(PeerUnreachable):
+                await a.request(new_key(), ("127.0.0.1", silent.getsockname()[1]), frame(ECHO), timeout=10)
+            assert time.monotonic() - start < 1.5
+        await a.close()
+
+    run(main())
+
+
+def test_many_endpoints_in_one_process_all_talk_to_each_other() -> None:
+    async def main() -> None:
+        endpoints = [await Endpoint.start(new_key(), "127.0.0.1", 0) for _ in range(8)]
+        for ep in endpoints:
+            ep.set_handler(echo)
+        calls = [
+            src.request(dst.peer_id, ("127.0.0.1", dst.port), frame(ECHO, {"s": i, "d": j}), timeout=30)
+            for i, src in enumerate(endpoints)
+            for j, dst in enumerate(endpoints)
+            if src is not dst
+        ]
+        results = await asyncio.gather(*calls)
+        assert sorted((m["s"], m["d"]) for m in map(metadata_of, results)) == sorted(
+            (i, j) for i in range(8) for j in range(8) if i != j
+        )
+        for ep in endpoints:
+            await ep.close()
+
+    run(main())
+
+
+def test_close_fails_outstanding_requests() -> None:
+    async def main() -> None:
+        a, b = await pair()
+
+        async def never(peer_id: bytes, buffer: _core.Buffer) -> object:
+            await asyncio.sleep(60)
+            return buffer
+
+        b.set_handler(never)
+        pending = asyncio.ensure_future(a.request(b.peer_id, ("127.0.0.1", b.port), frame(ECHO), timeout=30))
+        await asyncio.sleep(0.2)
+        await a.close()
+        from inferencemesh.transport import EndpointClosed
+
+        with pytest.raises(EndpointClosed):
+            await pending
+        await b.close()
+
+    run(main())
+
+
+def test_sent_tensors_stay_referenced_until_acknowledged_then_are_released() -> None:
+    async def main() -> None:
+        import gc
+        import weakref
+
+        a, b = await pair()
+        b.set_handler(echo)
+        tensor = torch.randn(256, 576)
+        alive = weakref.ref(tensor)
+        request = encode_message(1, 1, {}, [tensor])
+        del tensor  # from here on only the frame (and the endpoint, until the peer acked it) holds it
+        response = decode_message(await a.request(b.peer_id, ("127.0.0.1", b.port), request, timeout=10))
+        assert response.tensors[0].shape == (256, 576)
+        del request
+        for _ in range(100):
+            gc.collect()
+            if alive() is None:
+                break
+            await asyncio.sleep(0.01)
+        assert alive() is None
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
+def test_requests_beyond_the_peers_stream_limit_queue_until_credit_returns() -> None:
+    async def main() -> None:
+        a, b = await pair(config_b=TransportConfig(max_streams=16))
+
+        async def slow_echo(peer_id: bytes, buffer: _core.Buffer) -> _core.Buffer:
+            await asyncio.sleep(0.01)
+            return buffer
+
+        b.set_handler(slow_echo)
+        address = ("127.0.0.1", b.port)
+        results = await asyncio.gather(
+            *(a.request(b.peer_id, address, frame(ECHO, {"i": i}), timeout=20) for i in range(200))
+        )
+        assert [metadata_of(r)["i"] for r in results] == list(range(200))
+        assert b.peer_stats(a.peer_id).open_streams <= 16
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
+def test_bad_start_arguments_raise_typed_errors() -> None:
+    async def main() -> None:
+        with pytest.raises(ValueError, match="32-byte"):
+            await Endpoint.start(b"short", "127.0.0.1", 0)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+            taken.bind(("127.0.0.1", 0))
+            with pytest.raises(OSError, match="in use"):
+                await Endpoint.start(new_key(), "127.0.0.1", taken.getsockname()[1])
+        with pytest.raises(ValueError, match="max_pending_bytes"):
+            await Endpoint.start(new_key(), "127.0.0.1", 0, TransportConfig(max_pending_bytes=1 << 20))
+
+    run(main())
