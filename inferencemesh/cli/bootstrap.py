@@ -21,15 +21,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "multiaddr to give others, then serves until interrupted.",
     )
     parser.add_argument("--port", type=int, default=9000, help="UDP port of the DHT (default: 9000)")
-    parser.add_argument("--host", default="0.0.0.0",
-                        help="address to bind (default: 0.0.0.0, all IPv4 interfaces; :: for IPv6)")
-    parser.add_argument("--identity", metavar="PATH",
-                        help="Ed25519 key file, created (mode 0600) when missing; without it the node "
-                        "gets a new peer id at every start")
-    parser.add_argument("--peers", nargs="*", default=[], metavar="ADDR",
-                        help="other bootstrap nodes to join: HOST:PORT or /ip4/IP/udp/PORT[/p2p/PEERID]")
-    parser.add_argument("--status-interval", type=float, default=60.0, metavar="SECONDS",
-                        help="how often to print the number of known nodes (default: 60)")
+    parser.add_argument(
+        "--host",
+        default="0.0.0.0",
+        help="address to bind (default: 0.0.0.0, all IPv4 interfaces; :: for IPv6)",
+    )
+    parser.add_argument(
+        "--identity",
+        metavar="PATH",
+        help="Ed25519 key file, created (mode 0600) when missing; without it the node "
+        "gets a new peer id at every start",
+    )
+    parser.add_argument(
+        "--peers",
+        nargs="*",
+        default=[],
+        metavar="ADDR",
+        help="other bootstrap nodes to join: HOST:PORT or /ip4/IP/udp/PORT[/p2p/PEERID]",
+    )
+    parser.add_argument(
+        "--status-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how often to print the number of known nodes (default: 60)",
+    )
     parser.set_defaults(func=run)
 
 

@@ -137,9 +137,14 @@ class Announcer:
                 accepted.update(zip(retry, counts, strict=True))
             report = AnnounceReport(accepted, time.monotonic() - started)
         if report.failed_keys:
-            log.warning("announce of %s blocks %d-%d: %d of %d keys stored nowhere",
-                        self._entry.model_id, self._entry.span_start, self._entry.span_end - 1,
-                        len(report.failed_keys), len(keys))
+            log.warning(
+                "announce of %s blocks %d-%d: %d of %d keys stored nowhere",
+                self._entry.model_id,
+                self._entry.span_start,
+                self._entry.span_end - 1,
+                len(report.failed_keys),
+                len(keys),
+            )
         return report
 
     async def stop(self) -> AnnounceReport:

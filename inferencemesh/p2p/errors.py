@@ -28,8 +28,10 @@ class NoRouteError(P2PError):
     def __init__(self, model_id: str, missing_blocks: list[int]) -> None:
         self.model_id = model_id
         self.missing_blocks = missing_blocks
-        super().__init__(f"no route for model {model_id!r}: no usable provider for blocks "
-                         f"{_compact_ranges(missing_blocks)}")
+        super().__init__(
+            f"no route for model {model_id!r}: no usable provider for blocks "
+            f"{_compact_ranges(missing_blocks)}"
+        )
 
 
 def _compact_ranges(blocks: list[int]) -> str:

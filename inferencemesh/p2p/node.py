@@ -149,8 +149,11 @@ class DHTNode:
         if joined:
             await self._crawl(self._node.id)
         elif self._bootstrap:
-            log.warning("no bootstrap node answered (%s); retrying every %.0f s",
-                        ", ".join(map(str, self._bootstrap)), self.config.rejoin_interval)
+            log.warning(
+                "no bootstrap node answered (%s); retrying every %.0f s",
+                ", ".join(map(str, self._bootstrap)),
+                self.config.rejoin_interval,
+            )
         return len(joined)
 
     async def _ping_bootstrap(self, address: PeerAddress) -> Node | None:
@@ -171,8 +174,9 @@ class DHTNode:
         if node_id is None:
             return None
         if address.peer_id is not None and node_id != address.peer_id[:DHT_ID_BYTES]:
-            log.warning("bootstrap node at %s is not peer %s; ignoring it",
-                        address, short_id(address.peer_id))
+            log.warning(
+                "bootstrap node at %s is not peer %s; ignoring it", address, short_id(address.peer_id)
+            )
             return None
         return Node(node_id, ips[0], address.port)
 
@@ -196,8 +200,12 @@ class DHTNode:
     ) -> LookupResult:
         assert self.protocol is not None
         return await iterative_find(
-            self.protocol, target, width=width or self.config.ksize, alpha=self.config.alpha,
-            find_value=find_value, quorum=quorum,
+            self.protocol,
+            target,
+            width=width or self.config.ksize,
+            alpha=self.config.alpha,
+            find_value=find_value,
+            quorum=quorum,
         )
 
     # ---------------------------------------------------------------- storing
@@ -306,5 +314,3 @@ class DHTNode:
             await asyncio.gather(self._maintenance, return_exceptions=True)
         if self._transport is not None:
             self._transport.close()
-
-

@@ -170,8 +170,22 @@ class EntryCache:
 
 # Order of the fields on the wire; changing it needs a new _VERSION.
 _FIELDS = (
-    "model_id", "total_blocks", "span_start", "span_end", "peer_id", "public_key", "addresses", "dtype",
-    "decode_tps", "prefill_tps", "free_cache_tokens", "load", "seq", "expiry", "withdrawn", "rtts",
+    "model_id",
+    "total_blocks",
+    "span_start",
+    "span_end",
+    "peer_id",
+    "public_key",
+    "addresses",
+    "dtype",
+    "decode_tps",
+    "prefill_tps",
+    "free_cache_tokens",
+    "load",
+    "seq",
+    "expiry",
+    "withdrawn",
+    "rtts",
 )
 
 
@@ -217,14 +231,18 @@ def _validate(entry: ProviderEntry) -> None:
         value = getattr(entry, name)
         if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
             raise RecordError(f"{name} must be a finite non-negative number, got {value!r}")
-    if not isinstance(entry.model_id, str) or not 0 < len(entry.model_id) <= MAX_MODEL_ID_CHARS \
-            or not entry.model_id.isprintable():
+    if (
+        not isinstance(entry.model_id, str)
+        or not 0 < len(entry.model_id) <= MAX_MODEL_ID_CHARS
+        or not entry.model_id.isprintable()
+    ):
         raise RecordError(f"model_id must be 1-{MAX_MODEL_ID_CHARS} printable characters")
     if not 0 < entry.total_blocks <= MAX_BLOCKS:
         raise RecordError(f"total_blocks must be 1-{MAX_BLOCKS}, got {entry.total_blocks}")
     if not entry.span_start < entry.span_end <= entry.total_blocks:
-        raise RecordError(f"span [{entry.span_start}, {entry.span_end}) is empty or past "
-                          f"total_blocks {entry.total_blocks}")
+        raise RecordError(
+            f"span [{entry.span_start}, {entry.span_end}) is empty or past total_blocks {entry.total_blocks}"
+        )
     if entry.seq > MAX_SEQ:
         raise RecordError("seq is over 2**63 - 1")
     for name, size in (("peer_id", PEER_ID_BYTES), ("public_key", PUBLIC_KEY_BYTES)):

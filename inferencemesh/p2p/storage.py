@@ -69,8 +69,9 @@ class RecordStorage(IStorage):
             if current[1] == wire:
                 return entry  # the same announce again (a retried store): nothing changes
             if current[0].seq >= entry.seq:
-                raise RecordError(f"stale seq {entry.seq} for peer {entry.peer_id.hex()[:12]} "
-                                  f"(holding {current[0].seq})")
+                raise RecordError(
+                    f"stale seq {entry.seq} for peer {entry.peer_id.hex()[:12]} (holding {current[0].seq})"
+                )
         elif len(peers) >= self.max_entries_per_key:
             self._evict_for(peers, entry)
         peers[entry.peer_id] = (entry, wire)
