@@ -135,7 +135,12 @@ class LocalModel:
     """
 
     def __init__(
-        self, head: ClientHead, spans: Sequence[Span], tokenizer: Tokenizer, *, cache_budget_bytes: int
+        self,
+        head: ClientHead,
+        spans: Sequence[Span],
+        tokenizer: Tokenizer | None = None,
+        *,
+        cache_budget_bytes: int,
     ) -> None:
         positions = [0] + [span.end for span in spans]
         if [span.start for span in spans] != positions[:-1] or positions[-1] != head.config.num_layers:
@@ -194,6 +199,8 @@ class LocalModel:
         stop_strings: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
+        if self.tokenizer is None:
+            raise ValueError("generation needs a tokenizer; this model was built without one")
         session = self.new_session(len(prompt_ids) + max_new_tokens)
         try:
             return generate(

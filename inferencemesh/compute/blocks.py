@@ -1,0 +1,121 @@
+"""Weights of one decoder block, loaded from HF tensors into the engine's fused layout.
+
+q/k/v become one matrix (one matmul per step instead of three), and so do gate and up. Every matrix
+keeps HF's logical shape ``[out_features, in_features]`` and is applied with ``F.linear``; its memory
+layout is chosen by :func:`pack_weight` for the fastest kernel of its dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from inferencemesh.compute.config import ModelConfig
+from inferencemesh.compute.errors import InvalidModelDirectory
+from inferencemesh.compute.weights import WeightFiles
+
+
+@dataclass
+class BlockWeights:
+    attn_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden]
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor  # [hidden, q_size]
+    o_bias: torch.Tensor | None
+    mlp_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor  # [hidden, intermediate]
+    down_bias: torch.Tensor | None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if t is not None)
+
+
+def block_tensor_names(config: ModelConfig, index: int) -> list[str]:
+    """HF names of every tensor block ``index`` (0-based) needs."""
+    prefix = f"model.layers.{index}."
+    names = [prefix + "input_layernorm.weight", prefix + "post_attention_layernorm.weight"]
+    names += [f"{prefix}self_attn.{p}_proj.weight" for p in "qkvo"]
+    names += [f"{prefix}mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    if config.qkv_bias:
+        names += [f"{prefix}self_attn.{p}_proj.bias" for p in "qkv"]
+    if config.o_bias:
+        names.append(prefix + "self_attn.o_proj.bias")
+    if config.mlp_bias:
+        names += [f"{prefix}mlp.{p}_proj.bias" for p in ("gate", "up", "down")]
+    return names
+
+
+def load_block(
+    files: WeightFiles, config: ModelConfig, index: int, dtype: torch.dtype, device: torch.device | str
+) -> BlockWeights:
+    prefix = f"model.layers.{index}."
+    attn, mlp = prefix + "self_attn.", prefix + "mlp."
+
+    def load(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        tensor = files.load(name, dtype, device)
+        if tuple(tensor.shape) != shape:
+            raise InvalidModelDirectory(f"{name} has shape {tuple(tensor.shape)}, config implies {shape}")
+        return tensor
+
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q_size, kv_size = config.q_size, config.kv_size
+
+    def qkv_part(kind: str, suffix: str) -> torch.Tensor:
+        rows = q_size if kind == "q" else kv_size
+        return load(f"{attn}{kind}_proj.{suffix}", (rows, hidden) if suffix == "weight" else (rows,))
+
+    def optional(name: str, shape: tuple[int, ...], present: bool) -> torch.Tensor | None:
+        return load(name, shape) if present else None
+
+    def gate_up_bias() -> torch.Tensor | None:
+        if not config.mlp_bias:
+            return None
+        return torch.cat([load(mlp + "gate_proj.bias", (inter,)), load(mlp + "up_proj.bias", (inter,))])
+
+    return BlockWeights(
+        attn_norm=load(prefix + "input_layernorm.weight", (hidden,)),
+        qkv=pack_weight(torch.cat([qkv_part(kind, "weight") for kind in "qkv"])),
+        qkv_bias=torch.cat([qkv_part(kind, "bias") for kind in "qkv"]) if config.qkv_bias else None,
+        o=pack_weight(load(attn + "o_proj.weight", (hidden, q_size))),
+        o_bias=optional(attn + "o_proj.bias", (hidden,), config.o_bias),
+        mlp_norm=load(prefix + "post_attention_layernorm.weight", (hidden,)),
+        gate_up=pack_weight(
+            torch.cat(
+                [
+                    load(mlp + "gate_proj.weight", (inter, hidden)),
+                    load(mlp + "up_proj.weight", (inter, hidden)),
+                ]
+            )
+        ),
+        gate_up_bias=gate_up_bias(),
+        down=pack_weight(load(mlp + "down_proj.weight", (hidden, inter))),
+        down_bias=optional(mlp + "down_proj.bias", (hidden,), config.mlp_bias),
+    )
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Returns ``weight`` (``[out, in]``) in the memory layout ``F.linear`` runs fastest on CPU.
+
+    Decode streams every weight once per token, so the kernel's streaming speed is the decode speed.
+    float32: column-major (an ``[out, in]`` view of contiguous ``[in, out]`` storage), which MKL
+    streams at ~23 GB/s for a few rows against ~16 GB/s row-major. bfloat16/float16: row-major, as
+    stored, which oneDNN streams 1.4x (bf16) and 10x (fp16) faster than column-major. Numbers:
+    docs/bench-compute.md.
+    """
+    if weight.dtype == torch.float32:
+        return weight.t().contiguous().t()
+    return weight.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)  # one fused kernel
+    # Reduced precision: normalise in float32, round, then scale. This is transformers' rounding
+    # order, which F.rms_norm (one rounding at the end) does not reproduce bit for bit.
+    x32 = x.float()
+    normalised = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normalised.to(x.dtype)

@@ -1,0 +1,133 @@
+"""Span loading (only its tensors, dtype) and execution: batching, rollback, limits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from inferencemesh.compute.errors import CacheOverflow, InvalidModelDirectory, InvalidSpan
+from inferencemesh.compute.head import ClientHead
+from inferencemesh.compute.span import Span, format_block_range, parse_block_range
+
+TOKENS = [5, 17, 99, 3, 250, 42, 7, 128, 64, 11, 300, 2]
+
+
+def test_block_ranges_are_one_based_inclusive() -> None:
+    assert parse_block_range("1-10", 30) == (0, 10)
+    assert parse_block_range("21-30", 30) == (20, 30)
+    assert parse_block_range("7", 30) == (6, 7)
+    assert format_block_range(10, 20) == "11-20"
+    for bad in ("0-3", "5-3", "1-31", "a-b", ""):
+        with pytest.raises(InvalidSpan):
+            parse_block_range(bad, 30)
+
+
+def test_span_holds_only_its_blocks(smollm2_dir: Path) -> None:
+    middle = Span.load(smollm2_dir, 10, 20, progress=False)
+    one = Span.load(smollm2_dir, 0, 1, progress=False)
+    assert (middle.start, middle.end, middle.num_blocks) == (10, 20, 10)
+    assert middle.nbytes() == 10 * one.nbytes()
+    # 30 blocks of SmolLM2 hold 134.5M - 28.3M (tied embedding) parameters in float32.
+    assert middle.nbytes() == pytest.approx((134.5e6 - 49152 * 576) * 4 / 3, rel=0.01)
+    head = ClientHead.load(smollm2_dir)
+    assert head.nbytes() == (49152 * 576 + 576) * 4  # tied: one vocab x hidden matrix
+
+
+def test_bfloat16_span_and_cache(smollm2_dir: Path) -> None:
+    span = Span.load(smollm2_dir, 0, 2, dtype=torch.bfloat16, progress=False)
+    assert all(block.qkv.dtype == torch.bfloat16 for block in span.blocks)
+    cache = span.cache_manager(1 << 20).allocate("s", 8)
+    out = span.prefill(torch.randn(3, 576), cache)
+    assert out.dtype == torch.bfloat16 and cache.keys.dtype == torch.bfloat16
+
+
+def test_unneeded_shards_are_never_opened(tiny_model_dir, tmp_path: Path) -> None:
+    source = tiny_model_dir("llama")
+    model_dir = tmp_path / "partial"
+    shutil.copytree(source, model_dir)
+    weight_map = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    needed = {file for name, file in weight_map.items() if name.startswith("model.layers.0.")}
+    for file in set(weight_map.values()) - needed:
+        (model_dir / file).unlink()
+    expected = Span.load(source, 0, 1, progress=False)
+    partial = Span.load(model_dir, 0, 1, progress=False)
+    assert torch.equal(partial.blocks[0].qkv, expected.blocks[0].qkv)
+    with pytest.raises(InvalidModelDirectory, match="missing"):
+        Span.load(model_dir, 3, 4, progress=False)
+
+
+def test_span_must_be_within_the_model(tiny_model_dir) -> None:
+    with pytest.raises(InvalidSpan):
+        Span.load(tiny_model_dir("llama"), 2, 5, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir) -> tuple[Span, ClientHead]:
+    model_dir = tiny_model_dir("qwen2")
+    return Span.load(model_dir, 0, 4, progress=False), ClientHead.load(model_dir)
+
+
+def run_alone(span: Span, head: ClientHead, prompt: list[int], steps: list[int]) -> list[torch.Tensor]:
+    cache = span.cache_manager(1 << 22).allocate("alone", 64)
+    outputs = [span.prefill(head.embed(prompt), cache)[-1]]
+    outputs += [span.decode(head.embed([token]), [cache])[0] for token in steps]
+    return outputs
+
+
+def test_batched_decode_matches_single_sessions(tiny) -> None:
+    span, head = tiny
+    manager = span.cache_manager(1 << 22)
+    prompts = {"a": TOKENS[:3], "b": TOKENS[:9], "c": TOKENS[4:6]}
+    steps = {"a": [7, 8, 9, 10], "b": [20, 21, 22, 23], "c": [30, 31]}
+    expected = {sid: run_alone(span, head, prompts[sid], steps[sid])[1:] for sid in prompts}
+    caches = {sid: manager.allocate(sid, 64) for sid in prompts}
+    for sid in ("a", "b"):
+        span.prefill(head.embed(prompts[sid]), caches[sid])
+    got: dict[str, list[torch.Tensor]] = {sid: [] for sid in prompts}
+    # Continuous batching: "c" joins at step 2, "a" and "c" leave when their steps are done.
+    schedule = [["a", "b"], ["a", "b"], ["a", "b", "c"], ["b", "a", "c"]]
+    for step, members in enumerate(schedule):
+        if step == 2:
+            span.prefill(head.embed(prompts["c"]), caches["c"])
+        tokens = [steps[sid][len(got[sid])] for sid in members]
+        out = span.decode(head.embed(tokens), [caches[sid] for sid in members])
+        for row, sid in enumerate(members):
+            got[sid].append(out[row])
+    for sid in prompts:
+        for ours, alone in zip(got[sid], expected[sid], strict=True):
+            assert (ours - alone).abs().max().item() < 1e-5, sid
+    assert [caches[sid].length for sid in ("a", "b", "c")] == [7, 13, 4]
+
+
+def test_truncate_and_replay_reproduce_the_states(tiny) -> None:
+    span, head = tiny
+    cache = span.cache_manager(1 << 22).allocate("s", 32)
+    span.prefill(head.embed(TOKENS[:8]), cache)
+    original = span.decode(head.embed([TOKENS[8]]), [cache])[0]
+    later = span.decode(head.embed([TOKENS[9]]), [cache])[0]
+    cache.truncate(5)  # forget positions 5..9, then replay 5..8 (as after a failover)
+    replayed = span.prefill(head.embed(TOKENS[5:9]), cache)[-1]
+    assert cache.length == 9
+    assert (replayed - original).abs().max().item() < 1e-5
+    assert (replayed - run_alone(span, head, TOKENS[:9], [])[0]).abs().max().item() < 1e-5
+    assert (replayed - later).abs().max().item() > 1e-2  # the comparison can tell states apart
+
+
+def test_cache_overflow_and_bad_inputs(tiny) -> None:
+    span, head = tiny
+    cache = span.cache_manager(1 << 22).allocate("s", 4)
+    span.prefill(head.embed(TOKENS[:4]), cache)
+    with pytest.raises(CacheOverflow):
+        span.decode(head.embed([1]), [cache])
+    assert cache.length == 4
+    other = span.cache_manager(1 << 22).allocate("t", 4)
+    with pytest.raises(ValueError, match="hidden states"):
+        span.prefill(torch.zeros(2, 7), other)
+    with pytest.raises(ValueError, match="sessions"):
+        span.decode(torch.zeros(2, 64), [other])
+    with pytest.raises(ValueError, match="twice"):
+        span.decode(torch.zeros(2, 64), [other, other])
