@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
 import subprocess
 import sys
 import threading
@@ -139,3 +141,16 @@ def test_client_without_a_swarm_says_which_blocks_are_missing(smollm2_dir: Path,
         lonely.stop()
     assert done.returncode == 1
     assert "no live worker serves layers 11-30" in done.stderr
+
+
+def test_demo_answers_and_shuts_every_process_down(smollm2_dir: Path) -> None:
+    done = run_cli("demo", "--max-new-tokens", "16", timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "The capital of France is Paris." in done.stdout
+    assert "route: client -> " in done.stdout and "[21-30] -> client" in done.stdout
+    assert "first token after" in done.stdout and "stopping the swarm" in done.stdout
+    # Every node is gone: the ports the demo announced are free again.
+    base = int(re.search(r"bootstrap node on udp 127.0.0.1:(\d+)", done.stdout).group(1))
+    for port in (base, base + 10, base + 11, base + 20, base + 21, base + 30, base + 31):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", port))
