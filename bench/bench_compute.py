@@ -5,7 +5,7 @@ decoder layer (from the difference between a 30-layer and a 15-layer model, whic
 embedding, head and per-step overheads). Each round runs both engines back to back; the median over
 rounds is reported (and the best, which is the least disturbed by other load on a shared machine).
 
-    python bench/bench_compute.py [--rounds 5] [--threads 2] [--dtype float32]
+    python bench/bench_compute.py [--rounds 5] [--threads 2] [--dtype float32] [--device cpu]
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ BATCH = 16
 class Ours:
     name = "inferencemesh"
 
-    def __init__(self, model_dir: Path, dtype: torch.dtype) -> None:
-        self.model = LocalModel.load(model_dir, dtype=dtype, progress=False, cache_budget_bytes=1 << 31)
-        self.model_dir, self.dtype = model_dir, dtype
+    def __init__(self, model_dir: Path, dtype: torch.dtype, device: torch.device) -> None:
+        self.model = LocalModel.load(
+            model_dir, dtype=dtype, device=device, progress=False, cache_budget_bytes=1 << 31
+        )
+        self.model_dir, self.dtype, self.device = model_dir, dtype, device
 
     def decode(self, prompts: torch.Tensor, steps: int) -> float:
         sessions = [self.model.new_session(prompts.shape[1] + steps) for _ in range(prompts.shape[0])]
@@ -45,27 +47,27 @@ class Ours:
         start = time.perf_counter()
         for _ in range(steps):
             tokens = self.model.decode_batch(sessions, tokens).argmax(-1).tolist()
-        elapsed = time.perf_counter() - start
+        elapsed = seconds_since(start, self.device)
         for session in sessions:
             session.close()
         return elapsed
 
     def layer_steps(self, num_layers: int, steps: int) -> float:
         """Decode time of blocks 1..num_layers alone (no embedding or head)."""
-        span = Span.load(self.model_dir, 0, num_layers, dtype=self.dtype, progress=False)
+        span = Span.load(self.model_dir, 0, num_layers, dtype=self.dtype, device=self.device, progress=False)
         cache = span.cache_manager(1 << 30).allocate("bench", PROMPT_LENGTH + steps)
         span.prefill(torch.randn(PROMPT_LENGTH, span.config.hidden_size), cache)
         hidden = torch.randn(1, span.config.hidden_size)
         start = time.perf_counter()
         for _ in range(steps):
             hidden = span.decode(hidden, [cache])
-        return time.perf_counter() - start
+        return seconds_since(start, self.device)
 
     def prefill(self, prompt: torch.Tensor) -> float:
         session = self.model.new_session(prompt.shape[0])
         start = time.perf_counter()
         session.step(prompt.tolist())
-        elapsed = time.perf_counter() - start
+        elapsed = seconds_since(start, self.device)
         session.close()
         return elapsed
 
@@ -73,10 +75,11 @@ class Ours:
 class Transformers:
     name = "transformers"
 
-    def __init__(self, model_dir: Path, dtype: torch.dtype) -> None:
+    def __init__(self, model_dir: Path, dtype: torch.dtype, device: torch.device) -> None:
         import transformers
 
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        self.model, self.device = model.to(device).eval(), device
 
     def layer_steps(self, num_layers: int, steps: int) -> float:
         """Decode time of the model cut to its first num_layers blocks (embedding and head included;
@@ -91,19 +94,27 @@ class Transformers:
 
     @torch.inference_mode()
     def decode(self, prompts: torch.Tensor, steps: int) -> float:
-        out = self.model(prompts, use_cache=True)
+        out = self.model(prompts.to(self.device), use_cache=True)
         cache, tokens = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         start = time.perf_counter()
         for _ in range(steps):
             out = self.model(tokens, cache=cache, use_cache=True)
             cache, tokens = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        return time.perf_counter() - start
+        return seconds_since(start, self.device)
 
     @torch.inference_mode()
     def prefill(self, prompt: torch.Tensor) -> float:
+        prompt = prompt[None].to(self.device)
         start = time.perf_counter()
-        self.model(prompt[None], use_cache=True)
-        return time.perf_counter() - start
+        self.model(prompt, use_cache=True)
+        return seconds_since(start, self.device)
+
+
+def seconds_since(start: float, device: torch.device) -> float:
+    """Wall time since ``start`` once queued GPU work has finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def rounds(measure: dict[str, Callable[[], float]], count: int) -> dict[str, list[float]]:
@@ -134,18 +145,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = parse_dtype(args.dtype)
     model_dir = prepare_model("smollm2", progress=lambda message: None)
     print(
-        f"SmolLM2-135M-Instruct, {args.dtype}, {args.threads} threads, torch {torch.__version__}, "
-        f"{args.rounds} interleaved rounds"
+        f"SmolLM2-135M-Instruct, {args.dtype} on {args.device}, {args.threads} threads, "
+        f"torch {torch.__version__}, {args.rounds} interleaved rounds"
     )
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(100, 49000, (BATCH, PROMPT_LENGTH), generator=generator)
     long_prompt = torch.randint(100, 49000, (PREFILL_LENGTH,), generator=generator)
-    engines = {engine.name: engine for engine in (Ours(model_dir, dtype), Transformers(model_dir, dtype))}
+    device = torch.device(args.device)
+    engines = {
+        engine.name: engine
+        for engine in (Ours(model_dir, dtype, device), Transformers(model_dir, dtype, device))
+    }
 
     for engine in engines.values():  # warm-up: first calls allocate and initialise kernels
         engine.decode(prompts[:2], 4)

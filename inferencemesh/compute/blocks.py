@@ -1,8 +1,6 @@
 """Weights of one decoder block, loaded from HF tensors into the engine's fused layout.
 
-q/k/v become one matrix (one matmul per step instead of three), and so do gate and up. Every matrix
-keeps HF's logical shape ``[out_features, in_features]`` and is applied with ``F.linear``; its memory
-layout is chosen by :func:`pack_weight` for the fastest kernel of its dtype.
+q/k/v become one projection (one matmul per step instead of three), and so do gate and up.
 """
 
 from __future__ import annotations
@@ -14,24 +12,22 @@ import torch.nn.functional as F
 
 from inferencemesh.compute.config import ModelConfig
 from inferencemesh.compute.errors import InvalidModelDirectory
+from inferencemesh.compute.linear import Projection
 from inferencemesh.compute.weights import WeightFiles
 
 
 @dataclass
 class BlockWeights:
     attn_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden]
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # [hidden, q_size]
-    o_bias: torch.Tensor | None
+    qkv: Projection  # hidden -> q_size + 2 * kv_size
+    o: Projection  # q_size -> hidden
     mlp_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor  # [hidden, intermediate]
-    down_bias: torch.Tensor | None
+    gate_up: Projection  # hidden -> 2 * intermediate
+    down: Projection  # intermediate -> hidden
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in vars(self).values() if t is not None)
+        norms = self.attn_norm.numel() * self.attn_norm.element_size() * 2
+        return norms + sum(p.nbytes() for p in (self.qkv, self.o, self.gate_up, self.down))
 
 
 def block_tensor_names(config: ModelConfig, index: int) -> list[str]:
@@ -78,42 +74,35 @@ def load_block(
 
     return BlockWeights(
         attn_norm=load(prefix + "input_layernorm.weight", (hidden,)),
-        qkv=pack_weight(torch.cat([qkv_part(kind, "weight") for kind in "qkv"])),
-        qkv_bias=torch.cat([qkv_part(kind, "bias") for kind in "qkv"]) if config.qkv_bias else None,
-        o=pack_weight(load(attn + "o_proj.weight", (hidden, q_size))),
-        o_bias=optional(attn + "o_proj.bias", (hidden,), config.o_bias),
+        qkv=Projection(
+            torch.cat([qkv_part(kind, "weight") for kind in "qkv"]),
+            torch.cat([qkv_part(kind, "bias") for kind in "qkv"]) if config.qkv_bias else None,
+        ),
+        o=Projection(
+            load(attn + "o_proj.weight", (hidden, q_size)),
+            optional(attn + "o_proj.bias", (hidden,), config.o_bias),
+        ),
         mlp_norm=load(prefix + "post_attention_layernorm.weight", (hidden,)),
-        gate_up=pack_weight(
+        gate_up=Projection(
             torch.cat(
                 [
                     load(mlp + "gate_proj.weight", (inter, hidden)),
                     load(mlp + "up_proj.weight", (inter, hidden)),
                 ]
-            )
+            ),
+            gate_up_bias(),
         ),
-        gate_up_bias=gate_up_bias(),
-        down=pack_weight(load(mlp + "down_proj.weight", (hidden, inter))),
-        down_bias=optional(mlp + "down_proj.bias", (hidden,), config.mlp_bias),
+        down=Projection(
+            load(mlp + "down_proj.weight", (hidden, inter)),
+            optional(mlp + "down_proj.bias", (hidden,), config.mlp_bias),
+        ),
     )
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Returns ``weight`` (``[out, in]``) in the memory layout ``F.linear`` runs fastest on CPU.
-
-    Decode streams every weight once per token, so the kernel's streaming speed is the decode speed.
-    float32: column-major (an ``[out, in]`` view of contiguous ``[in, out]`` storage), which MKL
-    streams at ~23 GB/s for a few rows against ~16 GB/s row-major. bfloat16/float16: row-major, as
-    stored, which oneDNN streams 1.4x (bf16) and 10x (fp16) faster than column-major. Numbers:
-    docs/bench-compute.md.
-    """
-    if weight.dtype == torch.float32:
-        return weight.t().contiguous().t()
-    return weight.contiguous()
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dimension."""
     if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)  # one fused kernel
+        return F.rms_norm(x, weight.shape, weight, eps)  # torch's kernel: fewer dispatches
     # Reduced precision: normalise in float32, round, then scale. This is transformers' rounding
     # order, which F.rms_norm (one rounding at the end) does not reproduce bit for bit.
     x32 = x.float()

@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from inferencemesh.compute.blocks import pack_weight, rms_norm
+from inferencemesh.compute.blocks import rms_norm
 from inferencemesh.compute.config import ModelConfig
 from inferencemesh.compute.errors import InvalidModelDirectory
+from inferencemesh.compute.linear import Projection
 from inferencemesh.compute.weights import WeightFiles
 
 EMBED = "model.embed_tokens.weight"
@@ -20,23 +21,24 @@ LM_HEAD = "lm_head.weight"
 class ClientHead:
     """Embedding lookup, final RMS norm and LM head.
 
-    The LM head is laid out by ``pack_weight`` for a fast matmul. A tied model holds one
-    ``[vocab, hidden]`` tensor for both uses (an embedding lookup gathers rows in any layout).
+    A tied model holds the ``[vocab, hidden]`` matrix once, inside the LM head projection, and looks
+    embeddings up as its rows; an untied model keeps a separate embedding table.
     """
 
     def __init__(
-        self, config: ModelConfig, embed: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor
+        self, config: ModelConfig, embed: torch.Tensor | None, norm: torch.Tensor, lm_head: Projection
     ) -> None:
-        expected = (config.vocab_size, config.hidden_size)
-        for name, tensor in ((EMBED, embed), (LM_HEAD, lm_head)):
-            if tuple(tensor.shape) != expected:
-                raise InvalidModelDirectory(f"{name} has shape {tuple(tensor.shape)}, expected {expected}")
-        if tuple(norm.shape) != (config.hidden_size,):
+        vocab, hidden = config.vocab_size, config.hidden_size
+        if (lm_head.out_features, lm_head.in_features) != (vocab, hidden):
+            raise InvalidModelDirectory(f"LM head maps {lm_head.in_features} -> {lm_head.out_features}")
+        if embed is not None and tuple(embed.shape) != (vocab, hidden):
+            raise InvalidModelDirectory(f"{EMBED} has shape {tuple(embed.shape)}, expected {(vocab, hidden)}")
+        if tuple(norm.shape) != (hidden,):
             raise InvalidModelDirectory(f"{FINAL_NORM} has shape {tuple(norm.shape)}")
         self.config = config
-        self.embed_weight = embed
+        self.embed_weight = embed  # None when tied to the LM head
         self.norm_weight = norm
-        self.lm_head_weight = lm_head
+        self.lm_head = lm_head
 
     @classmethod
     def load(
@@ -48,24 +50,24 @@ class ClientHead:
         norm = files.load(FINAL_NORM, dtype, device)
         # Some tied checkpoints still store lm_head.weight; a tied model must use the embedding.
         if config.tie_word_embeddings:
-            embed = lm_head = pack_weight(files.load(EMBED, dtype, device))
+            embed, lm_head = None, Projection(files.load(EMBED, dtype, device))
         else:
-            embed, lm_head = files.load(EMBED, dtype, device), pack_weight(files.load(LM_HEAD, dtype, device))
+            embed, lm_head = files.load(EMBED, dtype, device), Projection(files.load(LM_HEAD, dtype, device))
         files.close()
         return cls(config, embed, norm, lm_head)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head_weight.dtype
+        return self.lm_head.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head_weight.device
+        return self.lm_head.device
 
     def nbytes(self) -> int:
-        """Bytes held (a tied embedding counted once)."""
-        tensors = {id(t): t for t in (self.embed_weight, self.norm_weight, self.lm_head_weight)}
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+        """Bytes held by the head's weights."""
+        extra = [self.norm_weight] + ([self.embed_weight] if self.embed_weight is not None else [])
+        return self.lm_head.nbytes() + sum(t.numel() * t.element_size() for t in extra)
 
     @torch.inference_mode()
     def embed(self, token_ids: torch.Tensor | list[int]) -> torch.Tensor:
@@ -75,6 +77,8 @@ class ClientHead:
             raise ValueError(f"token ids must be a non-empty 1-D sequence, got shape {tuple(ids.shape)}")
         if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
             raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+        if self.embed_weight is None:
+            return self.lm_head.rows(ids)
         return F.embedding(ids, self.embed_weight)
 
     @torch.inference_mode()
@@ -82,4 +86,4 @@ class ClientHead:
         """``[N, hidden_size]`` final hidden states -> ``[N, vocab_size]`` float32 logits."""
         hidden = hidden.to(device=self.device, dtype=self.dtype)
         normed = rms_norm(hidden, self.norm_weight, self.config.rms_norm_eps)
-        return F.linear(normed, self.lm_head_weight).float()
+        return self.lm_head(normed).float()

@@ -116,8 +116,9 @@ class KVCacheManager:
         try:
             keys = torch.empty(shape, dtype=self.dtype, device=self.device)
             values = torch.empty(shape, dtype=self.dtype, device=self.device)
-        except torch.OutOfMemoryError:
-            # The budget was set larger than the device can hold: refuse the session, never crash.
+        except (torch.OutOfMemoryError, RuntimeError):
+            # The budget was set larger than the device can hold (CUDA raises OutOfMemoryError, the
+            # CPU allocator a RuntimeError): refuse the session, never crash.
             raise CacheFull(needed, 0) from None
         cache = SessionCache(session_id, keys, values)
         self._sessions[session_id] = cache

@@ -118,7 +118,10 @@ def gguf_architecture(gguf_path: Path) -> str:
         raise ModelPreparationError(
             "reading GGUF files needs the hf extra: pip install 'inferencemesh[hf]'"
         ) from None
-    field = GGUFReader(str(gguf_path)).fields.get("general.architecture")
+    try:
+        field = GGUFReader(str(gguf_path)).fields.get("general.architecture")
+    except (ValueError, OSError) as exc:
+        raise ModelPreparationError(f"{gguf_path} is not a readable GGUF file: {exc}") from None
     if field is None:
         raise ModelPreparationError(f"{gguf_path} has no general.architecture field")
     return bytes(field.parts[field.data[0]]).decode()

@@ -212,14 +212,14 @@ class Span:
         eps = config.rms_norm_eps
         inter = config.intermediate_size
         for layer, block in enumerate(self.blocks):
-            qkv = F.linear(rms_norm(x, block.attn_norm, eps), block.qkv, block.qkv_bias)
+            qkv = block.qkv(rms_norm(x, block.attn_norm, eps))
             # q and k heads are adjacent in the fused projection: one rope call rotates both.
             rotated = apply_rope(qkv[:, : q_size + kv_size].view(rows, heads + kv_heads, head_dim), cos, sin)
             q, k = rotated[:, :heads], rotated[:, heads:]
             v = qkv[:, q_size + kv_size :].view(rows, kv_heads, head_dim)
-            x = x + F.linear(attend(layer, q, k, v), block.o, block.o_bias)
-            gate_up = F.linear(rms_norm(x, block.mlp_norm, eps), block.gate_up, block.gate_up_bias)
-            x = x + F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], block.down, block.down_bias)
+            x = x + block.o(attend(layer, q, k, v))
+            gate_up = block.gate_up(rms_norm(x, block.mlp_norm, eps))
+            x = x + block.down(F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
         return x
 
     @contextmanager

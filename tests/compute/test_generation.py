@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -45,10 +46,13 @@ def test_chat_template_matches_transformers(smollm2_dir: Path, tokenizer: Tokeni
     assert tokenizer.encode_chat(messages) == expected_ids
 
 
-def test_eos_and_missing_template(tokenizer: Tokenizer) -> None:
+def test_eos_and_missing_template(smollm2_dir: Path, tokenizer: Tokenizer, tmp_path: Path) -> None:
     assert tokenizer.eos_token_ids == {2}  # <|im_end|>
-    bare = Tokenizer(tokenizer._tokenizer, special_tokens={}, eos_token_ids=frozenset(), chat_template=None)
-    with pytest.raises(ChatTemplateError):
+    for name in ("tokenizer.json", "config.json"):  # a model directory without a chat template
+        shutil.copy(smollm2_dir / name, tmp_path / name)
+    bare = Tokenizer.load(tmp_path)
+    assert bare.encode("Paris") == tokenizer.encode("Paris")
+    with pytest.raises(ChatTemplateError, match="no chat template"):
         bare.render_chat(FRANCE)
 
 

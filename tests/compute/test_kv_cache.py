@@ -75,3 +75,13 @@ def test_truncate_only_rolls_back() -> None:
     assert cache.length == 4 and cache.remaining == 6
     with pytest.raises(ValueError):
         cache.truncate(5)
+
+
+def test_budget_beyond_memory_is_refused_not_a_crash() -> None:
+    # A misconfigured budget (here 4 EiB) must not take the worker down when a session asks for it.
+    caches = KVCacheManager(
+        num_layers=30, num_kv_heads=3, head_dim=64, budget_bytes=1 << 62, max_context=1 << 40
+    )
+    with pytest.raises(CacheFull):
+        caches.allocate("huge", 1 << 36)  # ~3 PB of cache
+    assert len(caches) == 0 and caches.reserved_bytes == 0

@@ -65,6 +65,13 @@ def test_unsupported_gguf_architecture_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_garbage_file_is_reported(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(ModelPreparationError, match="not a readable GGUF"):
+        convert_gguf(garbage, tmp_path / "out")
+
+
 def test_failed_conversion_leaves_nothing_behind(tmp_path: Path) -> None:
     gguf = write_gguf(tmp_path / "broken.gguf", "llama", with_tensor=True)
     models = tmp_path / "models"
