@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from inferencemesh.compute.config import ModelConfig
+from inferencemesh.compute.config import ModelConfig, read_config_json
 from inferencemesh.compute.errors import InvalidModelDirectory
 from inferencemesh.compute.weights import WeightFiles
 
@@ -27,10 +27,21 @@ DIGEST_HEX_CHARS = 16
 
 
 def model_id(model_dir: str | Path, name: str | None = None) -> str:
-    """``"<name>-<16 hex digits>"``; ``name`` defaults to the directory name."""
+    """``"<name>-<16 hex digits>"``; ``name`` defaults to the name config.json records for the model
+    (``_name_or_path``), so that copies of one model in differently named directories on different
+    machines share an id; a config without one falls back to the directory name."""
     model_dir = Path(model_dir)
-    label = _slug(name if name is not None else model_dir.resolve().name)
+    label = _slug(name if name is not None else _recorded_name(model_dir) or model_dir.resolve().name)
     return f"{label}-{weights_digest(model_dir)[:DIGEST_HEX_CHARS]}"
+
+
+def _recorded_name(model_dir: Path) -> str | None:
+    raw = read_config_json(model_dir)
+    for key in ("_name_or_path", "_model_name_or_path"):
+        value = raw.get(key)
+        if isinstance(value, str) and re.search(r"[A-Za-z0-9]", value):
+            return value.rstrip("/").rsplit("/", 1)[-1]  # a hub id's repository part
+    return None
 
 
 def weights_digest(model_dir: str | Path) -> str:

@@ -14,9 +14,18 @@ from inferencemesh.compute.identity import model_id
 
 def test_smollm2_id_is_stable(smollm2_dir: Path) -> None:
     first = model_id(smollm2_dir)
-    assert re.fullmatch(r"smollm2-135m-instruct-[0-9a-f]{16}", first)
+    # The label is the name the model records in config.json (from the GGUF's general.name).
+    assert re.fullmatch(r"smollm2-135m-[0-9a-z-]+-[0-9a-f]{16}", first)
     assert model_id(smollm2_dir) == first
     assert model_id(smollm2_dir, name="SmolLM2 135M") == "smollm2-135m-" + first.rsplit("-", 1)[1]
+
+
+def test_the_directory_name_does_not_matter(smollm2_dir: Path, tmp_path: Path) -> None:
+    renamed = tmp_path / "models" / "my-local-copy"
+    renamed.mkdir(parents=True)
+    for item in smollm2_dir.iterdir():
+        (renamed / item.name).symlink_to(item)
+    assert model_id(renamed) == model_id(smollm2_dir)
 
 
 def test_copies_agree_and_changes_are_detected(tiny_model_dir, tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ def test_cli_prints_the_directory(smollm2_dir: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(smollm2_dir)
-    assert "model id smollm2-135m-instruct-" in done.stderr
+    assert "model id smollm2-135m-" in done.stderr
 
 
 def test_cli_reports_bad_input(tmp_path: Path) -> None:

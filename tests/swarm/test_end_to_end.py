@@ -120,7 +120,7 @@ def test_status_command_lists_workers_and_coverage(swarm: LocalSwarm) -> None:
     report = json.loads(done.stdout)
     assert report["complete"] is True
     (model,) = report["models"]
-    assert model["model_id"].startswith("smollm2-135m-instruct-")
+    assert model["model_id"].startswith("smollm2-135m-")
     assert model["total_blocks"] == 30 and model["missing_layers"] == []
     assert sorted(w["layers"] for w in model["workers"]) == ["1-10", "11-20", "21-30"]
     for worker in model["workers"]:
