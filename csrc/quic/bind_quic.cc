@@ -238,6 +238,7 @@ py::dict peer_stats_dict(const quic::PeerStats& s) {
   d["cwnd"] = s.cwnd;
   d["bytes_in_flight"] = s.bytes_in_flight;
   d["connections"] = s.connections;
+  d["silent_s"] = s.silent_s;
   return d;
 }
 

@@ -852,8 +852,9 @@ int Connection::on_remove_connection_id(ngtcp2_conn*, const ngtcp2_cid* cid, voi
 
 // --- statistics ---------------------------------------------------------------------------------------
 
-PeerStats Connection::stats() const {
+PeerStats Connection::stats(uint64_t now) const {
   PeerStats st = counters_;
+  st.silent_s = now > last_rx_ ? static_cast<double>(now - last_rx_) / kNs : 0.0;
   const compat::RttInfo rtt = compat::rtt_info(conn_);
   st.connected = established_ && alive();
   st.srtt_s = static_cast<double>(rtt.smoothed_rtt) / kNs;

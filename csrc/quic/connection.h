@@ -79,7 +79,7 @@ class Connection {
   void fail_outstanding(ErrorKind kind, const std::string& message);
 
   uint64_t expiry() const;  // next deadline (ngtcp2 timers, dead-peer check), CLOCK_MONOTONIC ns
-  PeerStats stats() const;
+  PeerStats stats(uint64_t now) const;
 
   uint64_t serial() const noexcept { return serial_; }
   bool established() const noexcept { return established_; }

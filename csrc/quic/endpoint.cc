@@ -237,9 +237,10 @@ std::optional<PeerStats> Endpoint::peer_stats(const PeerId& peer) {
   auto result = promise->get_future();
   if (!post([this, peer, promise] {
         std::optional<PeerStats> out;
+        const uint64_t now = now_ns();
         for (auto& [serial, c] : conns_) {
           if (!c->alive() || c->peer() != peer || !c->established()) continue;
-          const PeerStats st = c->stats();
+          const PeerStats st = c->stats(now);
           if (!out) {
             out = st;
             continue;
@@ -260,6 +261,7 @@ std::optional<PeerStats> Endpoint::peer_stats(const PeerId& peer) {
           out->open_streams += st.open_streams;
           out->bytes_in_flight += st.bytes_in_flight;
           out->connections += 1;
+          out->silent_s = std::min(out->silent_s, st.silent_s);
         }
         promise->set_value(out);
       })) {

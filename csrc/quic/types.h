@@ -120,6 +120,9 @@ struct PeerStats {
   uint64_t cwnd = 0;
   uint64_t bytes_in_flight = 0;
   uint64_t connections = 0;     // live connections with this peer (normally 1)
+  // Seconds since any packet (even a bare acknowledgement) came from the peer: its I/O thread answers
+  // however busy its application is, so a long silence means the process is gone or frozen.
+  double silent_s = 0.0;
 };
 
 struct EndpointStats {

@@ -60,29 +60,58 @@ async def probe(runtime: MeshRuntime, entry: ProviderEntry, model_id: str, timeo
     return stats.srtt_s if stats is not None and stats.srtt_s > 0 else measured
 
 
-async def find_route(
-    runtime: MeshRuntime,
-    model_id: str,
-    num_blocks: int,
-    bans: BanList,
-    *,
-    cache_tokens: int,
-    probe_timeout: float = 1.0,
-    lookup_retries: int = 3,
-) -> Route:
-    """The best chain over live workers. Raises NoRouteError naming the blocks nobody usable serves.
+Providers = dict[int, list[ProviderEntry]]  # block -> the workers announcing it
+
+
+async def lookup_providers(
+    runtime: MeshRuntime, model_id: str, num_blocks: int, lookup_retries: int = 3
+) -> Providers:
+    """Every block's providers from the DHT.
 
     A lookup that finds no provider for some block is repeated (``lookup_retries`` times, with a growing
     pause): right after a client joins, or while the swarm is busy, DHT replies can be late or lost.
     """
     assert runtime.dht is not None
     for attempt in range(lookup_retries + 1):
-        providers = await find_block_providers(runtime.dht, model_id, num_blocks)
+        found = await find_block_providers(runtime.dht, model_id, num_blocks)
+        providers = by_span(found, num_blocks=num_blocks)
         if all(providers.values()) or attempt == lookup_retries:
             break
         await asyncio.sleep(0.25 * 2**attempt)
         if not runtime.dht.contacts():  # the join itself was lost: join again rather than wait for it
             await runtime.dht.join()
+    return providers
+
+
+def by_span(*found: Providers, num_blocks: int) -> Providers:
+    """Each worker listed under every block of its span, the newest entry per worker.
+
+    A worker's signed entry states its whole span, so finding it under one block key is enough: a DHT
+    key whose storing nodes lost some entries (nodes die and join) then cannot hide a worker that the
+    other keys of its span still list. Also merges several lookups (``found``)."""
+    latest: dict[bytes, ProviderEntry] = {}
+    for entry in (e for providers in found for block in providers.values() for e in block):
+        if entry.peer_id not in latest or entry.seq > latest[entry.peer_id].seq:
+            latest[entry.peer_id] = entry
+    completed: Providers = {block: [] for block in range(num_blocks)}
+    for entry in latest.values():
+        for block in entry.blocks:
+            if block < num_blocks:
+                completed[block].append(entry)
+    return completed
+
+
+async def plan_over(
+    runtime: MeshRuntime,
+    model_id: str,
+    num_blocks: int,
+    providers: Providers,
+    bans: BanList,
+    cache_tokens: int,
+    probe_timeout: float = 1.0,
+) -> Route:
+    """The best chain over those of ``providers`` that are not banned and answer a probe (the others
+    are banned). Raises NoRouteError naming the blocks nobody usable serves."""
     entries = {entry.peer_id: entry for block in providers.values() for entry in block}
     banned = bans.banned()
     candidates = [entry for peer, entry in entries.items() if peer not in banned]

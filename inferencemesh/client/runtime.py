@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# While a request (e.g. a liveness probe) is outstanding, QUIC keep-alives go out every quarter of this
+# and a peer that acknowledges none of them for this long is dead: its requests fail at once. ACKs come
+# from the peer's native I/O thread, which a busy worker (compute, GIL) does not hold up, so a short
+# deadline tells a dead or frozen worker from a busy one quickly (the workers' default is 1 s).
+CLIENT_DEAD_PEER_TIMEOUT_S = 0.25
+
 
 class MeshRuntime:
     def __init__(
@@ -41,7 +47,7 @@ class MeshRuntime:
         self.identity = identity or Identity.generate()
         self._bootstrap = list(bootstrap)
         self._host = host
-        self._transport = transport or TransportConfig()
+        self._transport = transport or TransportConfig(dead_peer_timeout_s=CLIENT_DEAD_PEER_TIMEOUT_S)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="inferencemesh-client", daemon=True

@@ -19,7 +19,15 @@ from typing import Any
 
 import torch
 
-from inferencemesh.client.route import BanList, entry_address, find_route, probe
+from inferencemesh.client.route import (
+    BanList,
+    Providers,
+    by_span,
+    entry_address,
+    lookup_providers,
+    plan_over,
+    probe,
+)
 from inferencemesh.client.runtime import MeshRuntime
 from inferencemesh.compute.span import format_block_range
 from inferencemesh.p2p.errors import NoRouteError
@@ -54,12 +62,16 @@ class StepStalled(TimeoutError):
 
 @dataclass(frozen=True)
 class SessionOptions:
-    # A step without a result after this long makes the client probe every hop: hops that do not
-    # answer are dead or hung (failover at once); if all answer, they are busy and the client waits on.
-    step_timeout_s: float = 1.0
+    # A step without a result after this long makes the client probe every hop, and again every
+    # step_timeout_s while it waits: hops that do not answer are dead or hung (failover at once); if all
+    # answer, they are busy (a long prefill) and the client waits on. A probe is a PING that the worker's
+    # event loop answers while its compute thread works, so probing early costs a few small messages.
+    # A dead or frozen hop fails its probe within the client's QUIC dead-peer timeout (0.25 s, see
+    # runtime.py); probe_timeout_s only bounds the wait on a live process whose event loop is stuck.
+    step_timeout_s: float = 0.2
     max_step_wait_s: float = 120.0  # ... but never longer than this for one step
     open_timeout_s: float = 5.0
-    probe_timeout_s: float = 0.5
+    probe_timeout_s: float = 1.0
     max_failovers: int = 5
 
 
@@ -85,7 +97,8 @@ class OpenHop:
 class Failover:
     cause: str
     banned: list[bytes]
-    recovery_s: float
+    detection_s: float  # from sending the step to knowing it failed
+    recovery_s: float  # from then to the replayed step's result
 
 
 @dataclass
@@ -101,6 +114,7 @@ class RemoteSession:
     position: int = 0
     failovers: list[Failover] = field(default_factory=list)
     _inputs: list[torch.Tensor] = field(default_factory=list)
+    _providers: Providers = field(default_factory=dict)  # from the last DHT lookup
 
     # ------------------------------------------------------------------ opening and closing
     async def open(self) -> None:
@@ -108,16 +122,16 @@ class RemoteSession:
 
     async def _connect(self, reason: str) -> None:
         """Plans a route and opens sessions on its hops, keeping hops that are already open."""
+        refusals: list[str] = []  # why workers turned the session down, for the error if no route is left
         for _attempt in range(self.options.max_failovers + 1):
             try:
-                route = await find_route(
-                    self.runtime, self.model_id, self.num_blocks, self.bans, cache_tokens=self.max_length
-                )
+                route = await self._plan()
             except NoRouteError as exc:
+                refused = f" (refused by {'; '.join(refusals)})" if refusals else ""
                 raise SessionFailed(
                     f"no route through the swarm: no live worker serves layers "
-                    f"{_layer_ranges(exc.missing_blocks)} of {self.model_id}; start workers for them "
-                    "or check the bootstrap address"
+                    f"{_layer_ranges(exc.missing_blocks)} of {self.model_id}{refused}; start workers for "
+                    "them or check the bootstrap address"
                 ) from exc
             try:
                 await self._open_hops(route)
@@ -136,8 +150,27 @@ class RemoteSession:
                     raise
                 if peer is not None:
                     self.bans.ban(peer, f"could not open a session: {exc}")
+                    refusals.append(f"{short_id(peer)}: {exc}")
         raise SessionFailed(
             f"could not open a session on any route after {self.options.max_failovers + 1} tries"
+        )
+
+    async def _plan(self) -> Route:
+        """A route over the providers known from the last lookup (a failover usually finds the
+        replacement among them, without waiting on a DHT that may have lost nodes too), else over a
+        fresh lookup."""
+        if self._providers:
+            try:
+                return await plan_over(
+                    self.runtime, self.model_id, self.num_blocks, self._providers, self.bans, self.max_length
+                )
+            except NoRouteError:
+                log.info("no route over the known workers: looking the DHT up again")
+        providers = await lookup_providers(self.runtime, self.model_id, self.num_blocks)
+        # Known workers the lookup missed stay candidates (a probe tells whether they still live).
+        self._providers = by_span(self._providers, providers, num_blocks=self.num_blocks)
+        return await plan_over(
+            self.runtime, self.model_id, self.num_blocks, self._providers, self.bans, self.max_length
         )
 
     async def _open_hops(self, route: Route) -> None:
@@ -194,10 +227,11 @@ class RemoteSession:
                 f"{hidden.shape[0]} more tokens at position {self.position} "
                 f"exceed max_length {self.max_length}"
             )
+        sent = time.perf_counter()
         try:
             output = await self._send_step(hidden, self.position)
         except (WorkerError, TransportError, TimeoutError) as exc:
-            output = await self._recover(exc, hidden)
+            output = await self._recover(exc, hidden, detection_s=time.perf_counter() - sent)
         self._inputs.append(hidden)
         self.position += hidden.shape[0]
         return output
@@ -214,11 +248,15 @@ class RemoteSession:
             "chain": [[h.peer_id, h.entry.addresses[0], h.token] for h in rest],
         }
         frame = encode_message(MessageKind.STEP, step_id, metadata, [hidden])
+        assert self.runtime.endpoint is not None
+        # The send runs under the same watch as the result: a send that flow control holds up forever
+        # must end in a failover like a result that never comes, and a failed send fails the step.
+        sending = asyncio.ensure_future(self.runtime.endpoint.send(first.peer_id, first.address, frame))
+        sending.add_done_callback(lambda sent: _fail_with(result, sent))
         try:
-            assert self.runtime.endpoint is not None
-            await self.runtime.endpoint.send(first.peer_id, first.address, frame)
             message = await self._await_result(result)
         finally:
+            sending.cancel()
             self.runtime.forget_step(step_id)
         return message.tensors[0]
 
@@ -230,6 +268,8 @@ class RemoteSession:
             except TimeoutError:
                 waited = time.monotonic() - started
                 silent = await self._silent_hops()
+                if result.done():
+                    return result.result()  # it came (or failed) while the hops were being probed
                 if silent:
                     raise StepStalled(f"no step result after {waited:.2f} s", silent) from None
                 if waited > self.options.max_step_wait_s:
@@ -237,12 +277,25 @@ class RemoteSession:
                 log.debug("step pending for %.1f s; every hop answers probes: waiting on", waited)
 
     async def _silent_hops(self) -> list[bytes]:
+        """Hops that neither answer a PING within probe_timeout_s nor send any packet meanwhile.
+
+        A worker whose compute saturates its machine may answer PINGs late, but its QUIC I/O thread
+        still acknowledges our packets at once; only a process that is gone or frozen falls silent.
+        """
         timeout = self.options.probe_timeout_s
         probes = (probe(self.runtime, hop.entry, self.model_id, timeout) for hop in self.hops)
         rtts = await asyncio.gather(*probes)
-        return [hop.peer_id for hop, rtt in zip(self.hops, rtts, strict=True) if rtt is None]
+        assert self.runtime.endpoint is not None
+        silent = []
+        for hop, rtt in zip(self.hops, rtts, strict=True):
+            if rtt is not None:
+                continue
+            stats = self.runtime.endpoint.peer_stats(hop.peer_id)
+            if stats is None or not stats.connected or stats.silent_s >= timeout:
+                silent.append(hop.peer_id)
+        return silent
 
-    async def _recover(self, error: BaseException, hidden: torch.Tensor) -> torch.Tensor:
+    async def _recover(self, error: BaseException, hidden: torch.Tensor, detection_s: float) -> torch.Tensor:
         """Bans the failed hop(s), re-routes, replays the history plus this step; bounded attempts."""
         while True:
             if isinstance(error, (BadRequest, LengthExceeded)) and not isinstance(error, CacheFull):
@@ -251,24 +304,33 @@ class RemoteSession:
                 raise SessionFailed(f"gave up after {len(self.failovers)} failovers; last error: {error}")
             started = time.perf_counter()
             banned = await self._blame(error)
+            replay_sent = None
             try:
                 await self._connect(reason=f"failover after {type(error).__name__}")
                 replay = torch.cat([*self._inputs, hidden]) if self._inputs else hidden
+                replay_sent = time.perf_counter()
                 output = await self._send_step(replay, 0)
             except (WorkerError, TransportError, TimeoutError) as exc:
-                self.failovers.append(Failover(repr(error), banned, time.perf_counter() - started))
-                error = exc
+                failed_at = time.perf_counter()
+                self._note(Failover(repr(error), banned, detection_s, failed_at - started), exc)
+                # The next failover's detection: how long the replay ran before it failed (a refusal
+                # while opening the new route is known at once).
+                error, detection_s = exc, failed_at - replay_sent if replay_sent is not None else 0.0
                 continue
-            failover = Failover(repr(error), banned, time.perf_counter() - started)
-            self.failovers.append(failover)
-            log.warning(
-                "failover %d: %s; banned %s; recovered in %.3f s",
-                len(self.failovers),
-                failover.cause,
-                ", ".join(short_id(p) for p in banned) or "nobody",
-                failover.recovery_s,
-            )
+            self._note(Failover(repr(error), banned, detection_s, time.perf_counter() - started))
             return output
+
+    def _note(self, failover: Failover, failed: BaseException | None = None) -> None:
+        self.failovers.append(failover)
+        log.warning(
+            "failover %d: %s, detected after %.3f s; banned %s; %s in %.3f s",
+            len(self.failovers),
+            failover.cause,
+            failover.detection_s,
+            ", ".join(short_id(p) for p in failover.banned) or "nobody",
+            "recovered" if failed is None else f"the new route failed too ({failed!r})",
+            failover.recovery_s,
+        )
 
     async def _blame(self, error: BaseException) -> list[bytes]:
         """Which hops to ban for ``error``: the one named by the error, or those that stopped answering."""
@@ -284,6 +346,12 @@ class RemoteSession:
             self.bans.ban(peer, repr(error))
         self.hops = [h for h in self.hops if h.peer_id not in culprits]
         return culprits
+
+
+def _fail_with(result: asyncio.Future[Any], sent: asyncio.Future[None]) -> None:
+    """Fails ``result`` with the error of the ``sent`` operation, if it failed."""
+    if not sent.cancelled() and sent.exception() is not None and not result.done():
+        result.set_exception(sent.exception())  # type: ignore[arg-type]
 
 
 def _layer_ranges(blocks: list[int]) -> str:

@@ -197,7 +197,13 @@ class WorkerService:
         )
         chain = self._chain(metadata)
         hidden = self._hidden(message)
+        if message.request_id <= session.last_step:
+            # The client gave up on this step and has sent a later one (a replay after a failover); it
+            # arrives late from a worker that was frozen or cut off. Running it would rewind the cache.
+            log.info("stale step %d of session %s dropped", message.request_id, session.label)
+            return
         self._check_position(session, _field(metadata, "position", int), hidden.shape[0])
+        session.last_step = message.request_id
         output = await self.scheduler.run(session.cache, hidden)
         if chain:
             await self._pass_on(client, message, chain, output)

@@ -29,6 +29,7 @@ class ServerSession:
     session_id: bytes
     token: bytes
     cache: SessionCache
+    last_step: int = -1  # id of the latest step run: a client's step ids only grow (see WorkerService)
 
     @property
     def label(self) -> str:

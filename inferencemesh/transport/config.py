@@ -60,6 +60,7 @@ class PeerStats:
     cwnd: int
     bytes_in_flight: int
     connections: int
+    silent_s: float  # since the last packet of any kind from the peer (its I/O thread acks however busy)
 
 
 @dataclass(frozen=True)
