@@ -29,6 +29,14 @@
 #endif
 
 namespace im::quic::compat {
+// Before 0.14.0 ngtcp2 never closed a stream the peer opened unidirectionally (it lacked the
+// FIN_ACKED flag of the never-used send side), so the peer's stream credit never came back and a
+// connection stopped after max_streams one-way messages. There one-way messages go on
+// bidirectional streams, which the receiver resets (no response) once it has handed the frame up.
+inline constexpr bool kRemoteUniStreamsClose = NGTCP2_VERSION_NUM >= 0x000e00;
+}  // namespace im::quic::compat
+
+namespace im::quic::compat {
 
 #if IM_NGTCP2_V1
 using CloseError = ngtcp2_ccerr;

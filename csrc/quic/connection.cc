@@ -499,8 +499,9 @@ void Connection::open_queued() {
   while (!queued_uni_.empty() && open_out(false, queued_uni_.front())) queued_uni_.pop_front();
 }
 
-bool Connection::open_out(bool bidi, Queued& q) {
+bool Connection::open_out(bool request, Queued& q) {
   auto s = std::make_unique<Stream>();
+  const bool bidi = request || !compat::kRemoteUniStreamsClose;
   const int rv = bidi ? ngtcp2_conn_open_bidi_stream(conn_, &s->id, s.get())
                       : ngtcp2_conn_open_uni_stream(conn_, &s->id, s.get());
   if (rv == NGTCP2_ERR_STREAM_ID_BLOCKED) return false;  // retried when the peer grants more streams
@@ -513,7 +514,7 @@ bool Connection::open_out(bool bidi, Queued& q) {
     host_.release(std::move(q.frame.keepalive));
     return true;
   }
-  s->kind = bidi ? Stream::Kind::kRequestOut : Stream::Kind::kOneWayOut;
+  s->kind = request ? Stream::Kind::kRequestOut : Stream::Kind::kOneWayOut;
   s->token = q.token;
   s->out = std::move(q.frame);
   s->has_out = true;
@@ -782,18 +783,20 @@ int Connection::on_stream_stop_sending(ngtcp2_conn*, int64_t id, uint64_t app_er
 
 int Connection::on_stream_close(ngtcp2_conn*, uint32_t flags, int64_t id, uint64_t app_error, void* user, void*) {
   auto* self = static_cast<Connection*>(user);
-  Stream* s = self->stream(id);
-  if (s == nullptr) return 0;
-  if (s->outgoing() && !s->reported) {
-    if (flags & NGTCP2_STREAM_CLOSE_FLAG_APP_ERROR_CODE_SET) {
-      self->report_failure(s, error_of_app_code(app_error), app_code_text(app_error));
-    } else {
-      self->report_failure(s, ErrorKind::kRemoteError, "the peer closed the stream without a response");
+  if (Stream* s = self->stream(id); s != nullptr) {
+    if (s->outgoing() && !s->reported) {
+      if (flags & NGTCP2_STREAM_CLOSE_FLAG_APP_ERROR_CODE_SET) {
+        self->report_failure(s, error_of_app_code(app_error), app_code_text(app_error));
+      } else {
+        self->report_failure(s, ErrorKind::kRemoteError, "the peer closed the stream without a response");
+      }
     }
+    self->erase_stream(id);
   }
+  // Credit for a peer's stream is owed whether or not we still track it: a one-way message's stream
+  // is forgotten as soon as its frame is handed up, long before ngtcp2 closes it.
   const bool remote = !ngtcp2_conn_is_local_stream(self->conn_, id);
   const bool bidi = ngtcp2_is_bidi_stream(id);
-  self->erase_stream(id);
   if (remote) {
     // Return stream credit in batches: ngtcp2 sends MAX_STREAMS as soon as any is owed, which would
     // cost a packet (and a wake-up of the peer) per request.

@@ -361,3 +361,29 @@ def test_bad_start_arguments_raise_typed_errors() -> None:
             await Endpoint.start(new_key(), "127.0.0.1", 0, TransportConfig(max_pending_bytes=1 << 20))
 
     run(main())
+
+
+def test_one_way_messages_never_run_out_of_stream_credit() -> None:
+    # More one-way messages on one connection than the peer grants streams at once (max_streams 1024):
+    # every finished stream must hand its credit back (ngtcp2 < 0.14 never closed a peer's
+    # unidirectional stream, which once stopped a connection after 1024 one-way messages).
+    async def scenario() -> int:
+        a, b = await pair()
+        received = 0
+
+        def count(peer_id: bytes, buffer: _core.Buffer) -> None:
+            nonlocal received
+            received += 1
+
+        b.set_handler(count)
+        message = frame(ECHO, {"n": 1})
+        for _ in range(3000):
+            await asyncio.wait_for(a.send(b.peer_id, ("127.0.0.1", b.port), message), 5)
+        deadline = time.monotonic() + 5
+        while received < 3000 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await a.close()
+        await b.close()
+        return received
+
+    assert run(scenario()) == 3000

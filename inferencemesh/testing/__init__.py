@@ -1,0 +1,1 @@
+"""Fault injection for tests and benchmarks: a UDP proxy that delays, reorders and drops datagrams."""
