@@ -1,7 +1,7 @@
 """Linear layers with the weight layout that streams fastest on CPU for their dtype.
 
 Batch-1 decode streams every weight once per token, so the matmul kernel's streaming speed is the
-decode speed. Measured on the 2-core VM (one row, cold weights; docs/bench-compute.md):
+decode speed. Measured on the 2-core VM (one row, cold weights; docs/benchmarks.md):
 
 - float32: MKL streams a column-major weight (an ``[out, in]`` view of contiguous ``[in, out]``
   storage) at ~23 GB/s against ~16 GB/s for the row-major one.
