@@ -70,6 +70,9 @@ class SessionOptions:
     # runtime.py); probe_timeout_s only bounds the wait on a live process whose event loop is stuck.
     step_timeout_s: float = 0.2
     max_step_wait_s: float = 120.0  # ... but never longer than this for one step
+    # A hop whose transport is alive but which misses this many PINGs in a row while a step waits is
+    # hung (its event loop is stuck): fail over rather than wait for max_step_wait_s.
+    hung_after_missed_probes: int = 4
     open_timeout_s: float = 5.0
     probe_timeout_s: float = 1.0
     max_failovers: int = 5
@@ -262,12 +265,13 @@ class RemoteSession:
 
     async def _await_result(self, result: asyncio.Future[Any]) -> Any:
         started = time.monotonic()
+        missed: dict[bytes, int] = {}
         while True:
             try:
                 return await asyncio.wait_for(asyncio.shield(result), self.options.step_timeout_s)
             except TimeoutError:
                 waited = time.monotonic() - started
-                silent = await self._silent_hops()
+                silent = await self._silent_hops(missed)
                 if result.done():
                     return result.result()  # it came (or failed) while the hops were being probed
                 if silent:
@@ -276,7 +280,7 @@ class RemoteSession:
                     raise StepStalled(f"no step result after {waited:.0f} s; every hop answers", []) from None
                 log.debug("step pending for %.1f s; every hop answers probes: waiting on", waited)
 
-    async def _silent_hops(self) -> list[bytes]:
+    async def _silent_hops(self, missed: dict[bytes, int] | None = None) -> list[bytes]:
         """Hops that neither answer a PING within probe_timeout_s nor send any packet meanwhile.
 
         A worker whose compute saturates its machine may answer PINGs late, but its QUIC I/O thread
@@ -286,12 +290,16 @@ class RemoteSession:
         probes = (probe(self.runtime, hop.entry, self.model_id, timeout) for hop in self.hops)
         rtts = await asyncio.gather(*probes)
         assert self.runtime.endpoint is not None
+        missed = {} if missed is None else missed
         silent = []
         for hop, rtt in zip(self.hops, rtts, strict=True):
             if rtt is not None:
+                missed[hop.peer_id] = 0
                 continue
+            missed[hop.peer_id] = missed.get(hop.peer_id, 0) + 1
             stats = self.runtime.endpoint.peer_stats(hop.peer_id)
-            if stats is None or not stats.connected or stats.silent_s >= timeout:
+            gone = stats is None or not stats.connected or stats.silent_s >= timeout
+            if gone or missed[hop.peer_id] >= self.options.hung_after_missed_probes:
                 silent.append(hop.peer_id)
         return silent
 
