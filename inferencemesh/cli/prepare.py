@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 from inferencemesh.compute.errors import ComputeError
 from inferencemesh.compute.identity import model_id
@@ -41,19 +43,17 @@ def _progress(message: str) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    try:
-        out = prepare_model(args.name, args.out, progress=_progress)
-        _progress(f"model id {model_id(out)}")
-    except ComputeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0
+    return _report(lambda: prepare_model(args.name, args.out, progress=_progress))
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    return _report(lambda: convert_gguf(args.file, args.out, progress=_progress))
+
+
+def _report(build: Callable[[], Path]) -> int:
+    """Runs a preparation; prints the directory on stdout, or the error, and returns the exit code."""
     try:
-        out = convert_gguf(args.file, args.out, progress=_progress)
+        out = build()
         _progress(f"model id {model_id(out)}")
     except ComputeError as exc:
         print(f"error: {exc}", file=sys.stderr)

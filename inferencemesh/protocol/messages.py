@@ -9,7 +9,7 @@ it back into a ``WorkerError`` (or the subclass for that code).
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, ClassVar
 
 from inferencemesh.protocol.frames import Message, encode_message
 
@@ -55,6 +55,12 @@ class WorkerError(Exception):
     """A worker refused or failed a request. ``peer_id`` is the worker that reported it."""
 
     code: ErrorCode = ErrorCode.INTERNAL
+    # ERROR code -> the class a client raises for it; every subclass registers its own code.
+    by_code: ClassVar[dict[int, type[WorkerError]]] = {}
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        WorkerError.by_code[cls.code] = cls
 
     def __init__(self, message: str, peer_id: bytes | None = None, failed_peer: bytes | None = None) -> None:
         super().__init__(message)
@@ -107,24 +113,6 @@ class TooLarge(BadRequest):
     code = ErrorCode.TOO_LARGE
 
 
-_ERROR_CLASSES: dict[int, type[WorkerError]] = {
-    cls.code: cls
-    for cls in (
-        CacheFull,
-        UnknownSession,
-        LengthExceeded,
-        BadRequest,
-        WrongShape,
-        WrongDtype,
-        OutOfOrder,
-        NextHopFailed,
-        ShuttingDown,
-        WrongModel,
-        TooLarge,
-    )
-}
-
-
 def error_message(request_id: int, error: WorkerError, **extra: Any) -> Any:
     """The ERROR frame that reports ``error`` for request ``request_id``."""
     metadata = {"code": int(error.code), "message": str(error), **extra}
@@ -136,7 +124,7 @@ def error_message(request_id: int, error: WorkerError, **extra: Any) -> Any:
 def error_from_message(message: Message, peer_id: bytes | None) -> WorkerError:
     """Rebuilds the typed error carried by an ERROR message."""
     code = message.metadata.get("code")
-    cls = _ERROR_CLASSES.get(code, WorkerError) if isinstance(code, int) else WorkerError
+    cls = WorkerError.by_code.get(code, WorkerError) if isinstance(code, int) else WorkerError
     text = str(message.metadata.get("message", "worker error"))
     failed = message.metadata.get("failed_peer")
     return cls(text, peer_id=peer_id, failed_peer=failed if isinstance(failed, bytes) else None)
