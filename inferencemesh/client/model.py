@@ -11,24 +11,29 @@ The client holds only the embeddings, the final norm and the LM head; the blocks
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
+from inferencemesh.client.batched_head import BatchedHead
 from inferencemesh.client.route import BanList
 from inferencemesh.client.runtime import MeshRuntime
 from inferencemesh.client.session import RemoteSession, SessionOptions
 from inferencemesh.compute.config import ModelConfig
-from inferencemesh.compute.generation import GenerationResult, generate
+from inferencemesh.compute.generation import GenerationResult, TokenLoop
 from inferencemesh.compute.head import ClientHead
 from inferencemesh.compute.identity import model_id as compute_model_id
 from inferencemesh.compute.sampling import SamplingParams
 from inferencemesh.compute.tokenizer import Tokenizer
+
+T = TypeVar("T")
 
 
 class InferenceSession:
@@ -36,19 +41,16 @@ class InferenceSession:
 
     def __init__(self, model: DistributedModelForCausalLM, max_length: int) -> None:
         self._model = model
-        self._remote = RemoteSession(
-            model.runtime, model.model_id, model.config.num_layers, max_length, model.bans, model.options
-        )
+        self._remote = model._remote_session(max_length)
         model.runtime.call(self._remote.open())
         self.token_ids: list[int] = []
 
     def step(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Feeds ``token_ids`` (the prompt, then one token at a time); returns float32 logits [vocab]."""
-        head = self._model.head
-        hidden = head.embed(list(token_ids)).to(torch.float32)
+        hidden = self._model.head.embed(list(token_ids)).to(torch.float32)
         output = self._model.runtime.call(self._remote.step(hidden))
         self.token_ids.extend(token_ids)
-        return head.logits(output.to(head.dtype))[-1].float()
+        return self._model.lm_head.logits(output)[-1]
 
     @property
     def route(self) -> list[dict[str, Any]]:
@@ -96,6 +98,7 @@ class DistributedModelForCausalLM:
         self.config = ModelConfig.load(model_path)
         self.model_id = compute_model_id(model_path)
         self.head = ClientHead.load(model_path, dtype=dtype)
+        self.lm_head = BatchedHead(self.head)  # shared by the sessions of all threads
         self.tokenizer = Tokenizer.load(model_path)
         self.bans = BanList()
 
@@ -137,40 +140,81 @@ class DistributedModelForCausalLM:
         on_text: Callable[[str], None] | None = None,
     ) -> MeshGeneration:
         """Generates a continuation; ``on_text`` receives the text as it is generated (streaming)."""
-        prompt_ids = self.encode_prompt(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
-        max_length = min(len(prompt_ids) + max_new_tokens, self.config.max_context)
-        timings: list[float] = []
-        with self.inference_session(max_length) as session:
+        stream = None if on_text is None else (lambda _index, text: on_text(text))
+        (result,) = self.generate_batch(
+            [prompt],
+            max_new_tokens=max_new_tokens,
+            chat=chat,
+            sampling=sampling,
+            stop_strings=stop_strings,
+            ignore_eos=ignore_eos,
+            on_text=stream,
+        )
+        return result
 
-            def step(token_ids: Sequence[int]) -> torch.Tensor:
-                logits = session.step(token_ids)
-                timings.append(time.perf_counter())
-                return logits
+    def generate_batch(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        *,
+        max_new_tokens: int = 64,
+        chat: bool = False,
+        sampling: SamplingParams | None = None,
+        stop_strings: Sequence[str] = (),
+        ignore_eos: bool = False,
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> list[MeshGeneration]:
+        """Generates a continuation of every prompt, each in its own session, stepping them together.
 
-            started = time.perf_counter()
-            result = generate(
-                step,
-                prompt_ids,
+        Every round sends each unfinished sequence's step at once, so workers compute them as one
+        batch, and runs the LM head over all of them in one matmul: the throughput way to serve many
+        prompts. Results are what :meth:`generate` gives each prompt alone; ``on_text(index, text)``
+        streams.
+        """
+        prompt_ids = [self.encode_prompt(p, chat=chat) if isinstance(p, str) else list(p) for p in prompts]
+        loops = [
+            TokenLoop(
+                ids,
                 self.tokenizer,
                 max_new_tokens=max_new_tokens,
                 sampling=sampling,
                 stop_strings=stop_strings,
                 ignore_eos=ignore_eos,
-                on_text=on_text,
+                on_text=None if on_text is None else functools.partial(on_text, index),
             )
-            route, failovers = session.route, session.failovers
-        ttft = timings[0] - started
-        decode_steps = len(timings) - 1
-        decode_s = timings[-1] - timings[0]
-        return MeshGeneration(
-            token_ids=result.token_ids,
-            text=result.text,
-            finish_reason=result.finish_reason,
-            prompt_token_ids=prompt_ids,
-            ttft_s=ttft,
-            decode_tokens_per_s=decode_steps / decode_s if decode_steps and decode_s > 0 else 0.0,
-            route=route,
-            failovers=failovers,
+            for index, ids in enumerate(prompt_ids)
+        ]
+        remotes = [
+            self._remote_session(min(len(ids) + max_new_tokens, self.config.max_context))
+            for ids in prompt_ids
+        ]
+        timings: list[list[float]] = [[] for _ in prompts]
+        try:
+            self.runtime.call(_gather(remote.open() for remote in remotes))
+            started = time.perf_counter()
+            inputs: dict[int, list[int]] = dict(enumerate(prompt_ids))  # unfinished sequences' next input
+            while inputs:
+                hidden = [self.head.embed(ids).to(torch.float32) for ids in inputs.values()]
+                steps = (remotes[index].step(h) for index, h in zip(inputs, hidden, strict=True))
+                outputs = self.runtime.call(_gather(steps))
+                logits = self.lm_head.logits(torch.cat([output[-1:] for output in outputs]))
+                now = time.perf_counter()
+                for row, index in enumerate(list(inputs)):
+                    timings[index].append(now)
+                    token = loops[index].next_token(logits[row])
+                    if token is None:
+                        del inputs[index]
+                    else:
+                        inputs[index] = [token]
+            return [
+                _mesh_generation(loop.result(), ids, started, times, remote)
+                for loop, ids, times, remote in zip(loops, prompt_ids, timings, remotes, strict=True)
+            ]
+        finally:
+            self.runtime.call(_gather(remote.close() for remote in remotes))
+
+    def _remote_session(self, max_length: int) -> RemoteSession:
+        return RemoteSession(
+            self.runtime, self.model_id, self.config.num_layers, max_length, self.bans, self.options
         )
 
     def close(self) -> None:
@@ -183,3 +227,29 @@ class DistributedModelForCausalLM:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _mesh_generation(
+    result: GenerationResult,
+    prompt_ids: list[int],
+    started: float,
+    timings: list[float],
+    remote: RemoteSession,
+) -> MeshGeneration:
+    """``timings``: when each step's logits were ready (the first: the prompt's)."""
+    decode_steps, decode_s = len(timings) - 1, timings[-1] - timings[0]
+    return MeshGeneration(
+        token_ids=result.token_ids,
+        text=result.text,
+        finish_reason=result.finish_reason,
+        prompt_token_ids=prompt_ids,
+        ttft_s=timings[0] - started,
+        decode_tokens_per_s=decode_steps / decode_s if decode_steps and decode_s > 0 else 0.0,
+        route=[hop.describe() for hop in remote.hops],
+        failovers=len(remote.failovers),
+    )
+
+
+async def _gather(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Runs the coroutines concurrently (on the runtime's loop); their results in order."""
+    return list(await asyncio.gather(*coroutines))

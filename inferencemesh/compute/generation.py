@@ -82,6 +82,63 @@ class TextStream:
         return longest
 
 
+class TokenLoop:
+    """One sequence's generation state: sampling, EOS, stop strings, the length limit and streaming.
+
+    Feed it the logits after each step; it answers the next token to step with, or None once the
+    sequence has ended. :func:`generate` drives one sequence with it; a batch API drives several.
+    """
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        tokenizer: Tokenizer,
+        *,
+        max_new_tokens: int,
+        sampling: SamplingParams | None = None,
+        stop_strings: Sequence[str] = (),
+        ignore_eos: bool = False,
+        on_text: Callable[[str], None] | None = None,
+    ) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt must contain at least one token")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        self._sampler = Sampler(sampling or SamplingParams())
+        self._stream = TextStream(tokenizer, stop_strings)
+        self._eos = () if ignore_eos else tokenizer.eos_token_ids
+        self._max_new_tokens = max_new_tokens
+        self._on_text = on_text
+        self._history = list(prompt_ids)
+        self.generated: list[int] = []
+        self.finish_reason = ""  # set once the sequence has ended
+
+    def next_token(self, logits: torch.Tensor) -> int | None:
+        """Samples from ``logits`` [vocab]; returns the token to step with, or None when done."""
+        token = self._sampler(logits, self._history)
+        if token in self._eos:
+            return self._finish("eos")
+        self.generated.append(token)
+        self._history.append(token)
+        delta = self._stream.push(token)
+        if self._on_text is not None and delta:
+            self._on_text(delta)
+        if self._stream.stopped:
+            return self._finish("stop")
+        if len(self.generated) == self._max_new_tokens:
+            return self._finish("length")
+        return token
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        rest = self._stream.flush()
+        if self._on_text is not None and rest:
+            self._on_text(rest)
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.generated, self._stream.text, self.finish_reason)
+
+
 def generate(
     step: StepFn,
     prompt_ids: Sequence[int],
@@ -95,36 +152,19 @@ def generate(
 ) -> GenerationResult:
     """Generates until EOS (unless ``ignore_eos``), a stop string or ``max_new_tokens``; ``on_text``
     receives text deltas."""
-    if not prompt_ids:
-        raise ValueError("the prompt must contain at least one token")
-    if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1")
-    sampler = Sampler(sampling or SamplingParams())
-    stream = TextStream(tokenizer, stop_strings)
-    history = list(prompt_ids)
-    generated: list[int] = []
-    finish_reason = "length"
-    logits = step(prompt_ids)
-    while True:
-        token = sampler(logits, history)
-        if token in tokenizer.eos_token_ids and not ignore_eos:
-            finish_reason = "eos"
-            break
-        generated.append(token)
-        history.append(token)
-        delta = stream.push(token)
-        if on_text is not None and delta:
-            on_text(delta)
-        if stream.stopped:
-            finish_reason = "stop"
-            break
-        if len(generated) == max_new_tokens:
-            break
-        logits = step([token])
-    rest = stream.flush()
-    if on_text is not None and rest:
-        on_text(rest)
-    return GenerationResult(token_ids=generated, text=stream.text, finish_reason=finish_reason)
+    loop = TokenLoop(
+        prompt_ids,
+        tokenizer,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stop_strings=stop_strings,
+        ignore_eos=ignore_eos,
+        on_text=on_text,
+    )
+    token = loop.next_token(step(prompt_ids))
+    while token is not None:
+        token = loop.next_token(step([token]))
+    return loop.result()
 
 
 class LocalModel:

@@ -38,6 +38,16 @@ class WorkerConfig:
     max_session_length: int = setting(2048, "largest max_length a session may reserve (tokens)")
     max_batch: int = setting(32, "most decode steps batched into one forward")
     prefill_chunk: int = setting(256, "prefill tokens computed between two decode batches")
+    batch_gather_ms: float = setting(
+        0.5,
+        "a decode batch waits for more steps from other active sessions while they keep arriving "
+        "with gaps under this, up to one batch's compute time; 0: never wait",
+    )
+    inline_compute_ms: float = setting(
+        50.0,
+        "work expected to take at most this long runs on the event loop thread when the compute thread "
+        "is idle (no thread hand-off); 0: always on the compute thread",
+    )
     max_request_tokens: int = setting(8192, "most tokens one step or forward may carry")
     session_idle_timeout: float = setting(300.0, "seconds of inactivity after which a session is freed")
     announce_ttl: float = setting(60.0, "seconds a DHT entry lives; refreshed every third of it")

@@ -1,17 +1,34 @@
-"""The compute loop of a worker: one thread that runs the span for every session.
+"""The compute loop of a worker: where and when each session's work runs through the span.
 
-Decode steps (one token) of all sessions waiting at the same moment run as one batched forward
-(continuous batching: sessions join and leave between batches). Prefills are cut into chunks, and
-pending decodes run between two chunks, so a long prompt never starves the sessions that are
-generating. asyncio code submits work with :meth:`ComputeScheduler.run` and awaits the result.
+Work is submitted on the event loop thread (:meth:`ComputeScheduler.submit`) and its result handed to
+a callback on that thread. Decode steps (one token) of all sessions that arrived in the same event
+loop turn run as one batched forward (continuous batching: sessions join and leave between batches).
+
+When it runs: a decode batch waits for more steps while they keep arriving (no gap longer than
+``gather_s``) from sessions that stepped in the last ACTIVE_S, up to one batch's compute time. A
+client stepping many sessions sends their steps as a burst; without the wait the first one or two
+would run alone and split the burst into small batches at every hop, each streaming all weights.
+A lone session never waits.
+
+Where it runs: small work runs inline on the event loop thread when the compute thread is idle. A
+decode step then costs no thread hand-off; two thread wake-ups (to the compute thread and back) cost
+~0.1 ms each on a loaded machine, which is most of a hop's overhead. Work expected to hold the loop
+longer than ``inline_budget_s`` (so the loop keeps answering probes and DHT requests), or arriving
+while the compute thread is busy, goes to the compute thread. That thread cuts prefills into chunks
+and runs waiting decodes between two chunks, so a long prompt never starves sessions that generate.
+
+Callers submit at most one job per session at a time (the service orders each session's steps), so a
+session never appears twice in one batch and its jobs run in the order they were submitted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,13 +36,19 @@ import torch
 from inferencemesh.compute.kv_cache import SessionCache
 from inferencemesh.compute.span import Span
 
+log = logging.getLogger(__name__)
+
+ACTIVE_S = 1.0  # a session that ran a decode step this recently is expected to send another
+
+# done(output, None) or done(None, error), called on the event loop thread.
+Done = Callable[[torch.Tensor | None, BaseException | None], None]
+
 
 @dataclass
 class _Job:
     cache: SessionCache
     hidden: torch.Tensor  # [tokens, hidden_size]
-    future: asyncio.Future[torch.Tensor]
-    loop: asyncio.AbstractEventLoop
+    done: Done
     done_tokens: int = 0
     outputs: list[torch.Tensor] = field(default_factory=list)
 
@@ -37,6 +60,7 @@ class ComputeStats:
     decode_seconds: float = 0.0
     prefill_tokens: int = 0
     prefill_seconds: float = 0.0
+    inline_jobs: int = 0  # decode batches and prefills run on the event loop thread
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -47,53 +71,151 @@ class ComputeStats:
         return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
 
 
-def _deliver(job: _Job, result: torch.Tensor | None, error: BaseException | None) -> None:
-    def settle() -> None:
-        if job.future.done():  # the requester gave up (timeout, shutdown)
-            return
-        if error is not None:
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(result)
-
-    job.loop.call_soon_threadsafe(settle)
-
-
 class ComputeScheduler:
-    def __init__(self, span: Span, *, max_batch: int, prefill_chunk: int) -> None:
+    def __init__(
+        self,
+        span: Span,
+        *,
+        max_batch: int,
+        prefill_chunk: int,
+        inline_budget_s: float,
+        gather_s: float,
+        decode_row_s: float,
+        prefill_token_s: float,
+    ) -> None:
+        """``decode_row_s`` and ``prefill_token_s`` seed the cost estimates that decide what runs inline
+        (e.g. from :func:`measure_throughput`); measured times refine them as work runs."""
         self.span = span
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        self.inline_budget_s = inline_budget_s
+        self.gather_s = gather_s
         self.stats = ComputeStats()
-        self._decodes: collections.deque[_Job] = collections.deque()
+        self._decode_row_s = decode_row_s
+        self._prefill_token_s = prefill_token_s
+        self._loop = asyncio.get_running_loop()
+        # Loop thread only: decodes waiting to run, when the first and the last of them arrived, and
+        # when each recent session last ran a decode step.
+        self._arrived: list[_Job] = []
+        self._first_arrival = self._last_arrival = 0.0
+        self._flush_scheduled = False
+        self._gather_timer: asyncio.TimerHandle | None = None
+        self._recent: dict[int, float] = {}
+        self._decode_batch_s = decode_row_s
+        self._inline_spent = 0.0  # inline compute time in this loop turn
+        self._inline_started = 0.0
+        self._decodes: collections.deque[_Job] = collections.deque()  # for the compute thread
         self._prefills: collections.deque[_Job] = collections.deque()
         self._wake = threading.Condition()
+        self._computing = threading.Lock()  # held while the span runs, by either thread
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="inferencemesh-compute", daemon=True)
         self._thread.start()
 
-    async def run(self, cache: SessionCache, hidden: torch.Tensor) -> torch.Tensor:
-        """Runs ``hidden`` [tokens, hidden_size] through the span, continuing ``cache``."""
-        loop = asyncio.get_running_loop()
-        job = _Job(cache, hidden, loop.create_future(), loop)
-        with self._wake:
-            if self._stopping:
-                raise RuntimeError("the compute loop has stopped")
-            (self._decodes if hidden.shape[0] == 1 else self._prefills).append(job)
-            self._wake.notify()
-        return await job.future
+    def submit(self, cache: SessionCache, hidden: torch.Tensor, done: Done) -> None:
+        """Runs ``hidden`` [tokens, hidden_size] through the span, continuing ``cache``; event loop only."""
+        if self._stopping:
+            raise RuntimeError("the compute loop has stopped")
+        job = _Job(cache, hidden, done)
+        if hidden.shape[0] == 1:
+            # Wait for the rest of this loop turn at least: other sessions' decodes may join the batch.
+            self._last_arrival = time.perf_counter()
+            if not self._arrived:
+                self._first_arrival = self._last_arrival
+            self._arrived.append(job)
+            if not self._flush_scheduled and self._gather_timer is None:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
+            return
+        tokens = hidden.shape[0]
+        if self._start_inline(tokens * self._prefill_token_s):
+            try:
+                output, error = self._prefill(job, tokens)
+            finally:
+                self._end_inline()
+            _settle(job, output, error)
+            return
+        self._enqueue(self._prefills, [job])
 
     @property
     def queued(self) -> int:
-        return len(self._decodes) + len(self._prefills)
+        return len(self._arrived) + len(self._decodes) + len(self._prefills)
 
     def stop(self) -> None:
-        """Stops after the work already queued; returns when the thread has ended."""
+        """Stops after the work already queued; returns when the thread has ended (any thread)."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
         self._thread.join()
 
+    # ------------------------------------------------------------------ event loop side
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._gather_timer = None
+        wait = self._gather_wait()
+        if wait > 0:
+            self._gather_timer = self._loop.call_later(wait, self._flush)
+            return
+        arrived, self._arrived = self._arrived, []
+        now = time.perf_counter()
+        for job in arrived:
+            self._recent[id(job.cache)] = now
+        for start in range(0, len(arrived), self.max_batch):
+            batch = arrived[start : start + self.max_batch]
+            if not self._start_inline(len(batch) * self._decode_row_s):
+                self._enqueue(self._decodes, batch)
+                continue
+            try:
+                output, error = self._decode(batch)
+            finally:
+                self._end_inline()
+            for row, job in enumerate(batch):
+                _settle(job, None if output is None else output[row : row + 1], error)
+
+    def _start_inline(self, expected_s: float) -> bool:
+        """Whether work expected to take ``expected_s`` may run on the loop thread now; if so, the span
+        is taken until :meth:`_end_inline`. Inline work of one loop turn stays within the budget, so
+        the loop answers probes between turns."""
+        if self._inline_spent + expected_s > self.inline_budget_s:
+            return False
+        if not self._computing.acquire(blocking=False):
+            return False  # the compute thread is busy: queue behind its work
+        self._inline_started = time.perf_counter()
+        return True
+
+    def _end_inline(self) -> None:
+        self._computing.release()
+        self.stats.inline_jobs += 1
+        if self._inline_spent == 0.0:
+            self._loop.call_soon(self._new_turn)
+        self._inline_spent += time.perf_counter() - self._inline_started
+
+    def _new_turn(self) -> None:
+        self._inline_spent = 0.0
+
+    def _gather_wait(self) -> float:
+        """How much longer the decodes that arrived should wait for more to join them (0: run now)."""
+        if not self._arrived or self.gather_s <= 0:
+            return 0.0
+        now = time.perf_counter()
+        self._recent = {key: at for key, at in self._recent.items() if now - at < ACTIVE_S}
+        waiting = {id(job.cache) for job in self._arrived}
+        expected = len(self._recent.keys() - waiting)
+        if expected == 0 or len(self._arrived) >= self.max_batch:
+            return 0.0
+        quiet_until = self._last_arrival + self.gather_s
+        deadline = self._first_arrival + self._decode_batch_s
+        return max(0.0, min(quiet_until, deadline) - now)
+
+    def _enqueue(self, queue: collections.deque[_Job], jobs: list[_Job]) -> None:
+        with self._wake:
+            queue.extend(jobs)
+            self._wake.notify()
+
+    def _deliver(self, job: _Job, output: torch.Tensor | None, error: BaseException | None) -> None:
+        self._loop.call_soon_threadsafe(_settle, job, output, error)
+
+    # ------------------------------------------------------------------ compute thread side
     def _run(self) -> None:
         while True:
             with self._wake:
@@ -101,60 +223,67 @@ class ComputeScheduler:
                     self._wake.wait()
                 if self._stopping and not self._decodes and not self._prefills:
                     return
-                batch = self._take_decode_batch()
+                batch = [self._decodes.popleft() for _ in range(min(self.max_batch, len(self._decodes)))]
                 prefill = self._prefills[0] if self._prefills else None
-            if batch:
-                self._run_decode(batch)
-            if prefill is not None:
-                self._run_prefill_chunk(prefill)
+            with self._computing:
+                if batch:
+                    output, error = self._decode(batch)
+                    for row, job in enumerate(batch):
+                        self._deliver(job, None if output is None else output[row : row + 1], error)
+                if prefill is not None:
+                    self._run_prefill_chunk(prefill)
 
-    def _take_decode_batch(self) -> list[_Job]:
-        batch: list[_Job] = []
-        later: list[_Job] = []
-        sessions: set[int] = set()
-        while self._decodes and len(batch) < self.max_batch:
-            job = self._decodes.popleft()
-            # A session appears at most once per forward; its next step waits for the next batch.
-            (later if id(job.cache) in sessions else batch).append(job)
-            sessions.add(id(job.cache))
-        self._decodes.extendleft(reversed(later))
-        return batch
+    def _run_prefill_chunk(self, job: _Job) -> None:
+        output, error = self._prefill(job, self.prefill_chunk)
+        if error is None and job.done_tokens < job.hidden.shape[0]:
+            return  # more chunks to go
+        with self._wake:
+            self._prefills.remove(job)
+        self._deliver(job, output, error)
 
-    def _run_decode(self, batch: list[_Job]) -> None:
+    # ------------------------------------------------------------------ the span (either thread)
+    def _decode(self, batch: list[_Job]) -> tuple[torch.Tensor | None, BaseException | None]:
         started = time.perf_counter()
         try:
             hidden = torch.cat([job.hidden for job in batch]) if len(batch) > 1 else batch[0].hidden
             output = self.span.decode(hidden, [job.cache for job in batch])
         except Exception as exc:
-            for job in batch:
-                _deliver(job, None, exc)
-            return
-        self.stats.decode_seconds += time.perf_counter() - started
+            return None, exc
+        elapsed = time.perf_counter() - started
+        self._decode_row_s = _ema(self._decode_row_s, elapsed / len(batch))
+        self._decode_batch_s = _ema(self._decode_batch_s, elapsed)
+        self.stats.decode_seconds += elapsed
         self.stats.decode_tokens += len(batch)
         self.stats.decode_batches += 1
-        for row, job in enumerate(batch):
-            _deliver(job, output[row : row + 1], None)
+        return output, None
 
-    def _run_prefill_chunk(self, job: _Job) -> None:
+    def _prefill(self, job: _Job, tokens: int) -> tuple[torch.Tensor | None, BaseException | None]:
+        """Runs the next ``tokens`` of ``job``; returns the whole output once the last chunk ran."""
         started = time.perf_counter()
-        chunk = job.hidden[job.done_tokens : job.done_tokens + self.prefill_chunk]
+        chunk = job.hidden[job.done_tokens : job.done_tokens + tokens]
         try:
             job.outputs.append(self.span.prefill(chunk, job.cache))
         except Exception as exc:
-            self._finish_prefill(job)
-            _deliver(job, None, exc)
-            return
-        self.stats.prefill_seconds += time.perf_counter() - started
+            return None, exc
+        elapsed = time.perf_counter() - started
+        self._prefill_token_s = _ema(self._prefill_token_s, elapsed / chunk.shape[0])
+        self.stats.prefill_seconds += elapsed
         self.stats.prefill_tokens += chunk.shape[0]
         job.done_tokens += chunk.shape[0]
-        if job.done_tokens == job.hidden.shape[0]:
-            self._finish_prefill(job)
-            output = job.outputs[0] if len(job.outputs) == 1 else torch.cat(job.outputs)
-            _deliver(job, output, None)
+        if job.done_tokens < job.hidden.shape[0]:
+            return None, None
+        return (job.outputs[0] if len(job.outputs) == 1 else torch.cat(job.outputs)), None
 
-    def _finish_prefill(self, job: _Job) -> None:
-        with self._wake:
-            self._prefills.remove(job)
+
+def _settle(job: _Job, output: torch.Tensor | None, error: BaseException | None) -> None:
+    try:
+        job.done(output, error)
+    except Exception:
+        log.exception("a compute result could not be handled")
+
+
+def _ema(average: float, sample: float, weight: float = 0.1) -> float:
+    return average + weight * (sample - average)
 
 
 def measure_throughput(span: Span, prompt_tokens: int = 64, decode_steps: int = 8) -> tuple[float, float]:

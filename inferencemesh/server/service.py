@@ -6,11 +6,19 @@ carries, or, being the last hop, delivers STEP_RESULT to the client over the con
 opened. Whatever goes wrong with a step is reported to the client as an ERROR naming the step, so the
 client learns of a failure at once instead of waiting for a timeout. Bad input never takes the worker
 down: every message is validated before it touches the span.
+
+Steps are handled without a task or an await on their way: validated on arrival, queued in their
+session, computed (see scheduler.py), and their output handed to QUIC without waiting for the send to
+complete. A session's steps run in step-id order; one that arrives before an earlier one waits for it
+up to REORDER_WAIT_S (a client may send several steps back to back, e.g. the chunks of a prompt).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,7 +46,7 @@ from inferencemesh.protocol.messages import (
     kind_name,
 )
 from inferencemesh.server.scheduler import ComputeScheduler
-from inferencemesh.server.sessions import ServerSession, SessionRegistry
+from inferencemesh.server.sessions import QueuedStep, ServerSession, SessionRegistry
 from inferencemesh.transport.endpoint import Endpoint
 from inferencemesh.transport.errors import TransportError
 
@@ -46,6 +54,8 @@ log = logging.getLogger(__name__)
 
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_CHAIN_HOPS = 64
+MAX_QUEUED_STEPS = 64  # steps of one session waiting for their turn
+REORDER_WAIT_S = 2.0  # how long a step waits for an earlier step of its session to arrive
 
 
 def _field(metadata: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
@@ -75,11 +85,11 @@ class WorkerService:
         self.max_request_tokens = max_request_tokens
         self.frame_limits = frame_limits
         self.draining = False
-        self.in_flight = 0
         self.errors = 0
 
     # ------------------------------------------------------------------ dispatch
-    async def handle(self, peer_id: bytes, buffer: Any) -> Any:
+    def handle(self, peer_id: bytes, buffer: Any) -> Any:
+        """The endpoint's handler: None for a STEP (handled inline), else the response or a coroutine."""
         try:
             message = decode_message(buffer, limits=self.frame_limits)
         except FrameError as exc:
@@ -87,11 +97,16 @@ class WorkerService:
             self.errors += 1
             return error_message(0, BadRequest(f"malformed frame: {exc}"))
         if message.kind == MessageKind.STEP:
-            await self._step(peer_id, message)
+            self._step(peer_id, message)
             return None
+        if message.kind == MessageKind.PING:  # answered at once: probes measure liveness and RTT
+            return encode_message(MessageKind.PONG, message.request_id, self.info())
         handler = self._requests.get(message.kind)
         if handler is None:
             return error_message(message.request_id, BadRequest(f"unknown message kind {message.kind}"))
+        return self._answer(handler, peer_id, message)
+
+    async def _answer(self, handler: Callable[..., Any], peer_id: bytes, message: Message) -> Any:
         try:
             return await handler(self, peer_id, message)
         except WorkerError as exc:
@@ -100,6 +115,11 @@ class WorkerService:
         except Exception as exc:
             log.exception("request %s from %s failed", kind_name(message.kind), short_id(peer_id))
             return error_message(message.request_id, WorkerError(f"internal error: {exc!r}"))
+
+    @property
+    def in_flight(self) -> int:
+        """Steps accepted and not finished yet (queued or computing)."""
+        return sum(len(session.pending) + session.running for session in self.sessions)
 
     def _note_refusal(self, peer_id: bytes, message: Message, exc: WorkerError) -> None:
         self.errors += 1
@@ -119,9 +139,6 @@ class WorkerService:
             "free_cache_tokens": self.sessions.caches.free_tokens,
             "sessions": len(self.sessions),
         }
-
-    async def _ping(self, peer_id: bytes, message: Message) -> Any:
-        return encode_message(MessageKind.PONG, message.request_id, self.info())
 
     async def _open_session(self, peer_id: bytes, message: Message) -> Any:
         if self.draining:
@@ -155,40 +172,37 @@ class WorkerService:
             raise CacheFull(f"KV cache full for a {hidden.shape[0]}-token forward") from exc
         except compute_errors.DuplicateSession as exc:
             raise BadRequest("a forward with this request id is already running") from exc
+        computed: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         try:
-            output = await self.scheduler.run(cache, hidden)
+            self.scheduler.submit(cache, hidden, functools.partial(_settle, computed))
+            output = await computed
         finally:
             self.sessions.caches.free(key)
         return encode_message(MessageKind.FORWARD_RESULT, message.request_id, {}, [output])
 
     _requests = {
-        MessageKind.PING: _ping,
         MessageKind.OPEN_SESSION: _open_session,
         MessageKind.CLOSE_SESSION: _close_session,
         MessageKind.FORWARD: _forward,
     }
 
     # ------------------------------------------------------------------ chained steps
-    async def _step(self, sender: bytes, message: Message) -> None:
-        metadata = message.metadata
-        client = metadata.get("client")
+    def _step(self, sender: bytes, message: Message) -> None:
+        client = message.metadata.get("client")
         if not isinstance(client, bytes):
             log.warning("step from %s without a client to answer: dropped", short_id(sender))
             self.errors += 1
             return
-        self.in_flight += 1
         try:
-            await self._run_step(client, message)
+            session, step = self._accept(client, message)
         except WorkerError as exc:
             self._note_refusal(sender, message, exc)
-            await self._report(client, message, exc)
-        except Exception as exc:
-            log.exception("step %d of client %s failed", message.request_id, short_id(client))
-            await self._report(client, message, WorkerError(f"internal error: {exc!r}"))
-        finally:
-            self.in_flight -= 1
+            self._report(client, message.request_id, exc)
+            return
+        session.queue(step)
+        self._advance(session)
 
-    async def _run_step(self, client: bytes, message: Message) -> None:
+    def _accept(self, client: bytes, message: Message) -> tuple[ServerSession, QueuedStep]:
         metadata = message.metadata
         if self.draining:
             raise ShuttingDown("worker is shutting down")
@@ -197,48 +211,131 @@ class WorkerService:
         )
         chain = self._chain(metadata)
         hidden = self._hidden(message)
-        if message.request_id <= session.last_step:
-            # The client gave up on this step and has sent a later one (a replay after a failover); it
-            # arrives late from a worker that was frozen or cut off. Running it would rewind the cache.
-            log.info("stale step %d of session %s dropped", message.request_id, session.label)
-            return
-        self._check_position(session, _field(metadata, "position", int), hidden.shape[0])
-        session.last_step = message.request_id
-        output = await self.scheduler.run(session.cache, hidden)
-        if chain:
-            await self._pass_on(client, message, chain, output)
-            return
-        if metadata.get("last_only"):
-            output = output[-1:]
-        result = encode_message(
-            MessageKind.STEP_RESULT,
-            message.request_id,
-            {"session_id": session.session_id, "position": session.cache.length},
-            [output],
-        )
-        await self.endpoint.send(client, None, result)
+        position = _field(metadata, "position", int)
+        if position < 0:
+            raise OutOfOrder(f"step at position {position}")
+        if position + hidden.shape[0] > session.cache.max_length:
+            raise LengthExceeded(
+                f"{hidden.shape[0]} tokens at position {position} run past the session's max length "
+                f"{session.cache.max_length}"
+            )
+        if len(session.pending) >= MAX_QUEUED_STEPS:
+            raise TooLarge(f"{MAX_QUEUED_STEPS} steps of this session are already waiting")
+        return session, QueuedStep(message.request_id, position, hidden, chain, message)
 
-    async def _pass_on(
-        self, client: bytes, message: Message, chain: list[list[Any]], output: torch.Tensor
+    def _advance(self, session: ServerSession) -> None:
+        """Starts the session's next step if it can run now."""
+        while (step := session.next_step()) is not None:
+            if step.step_id <= session.last_step:
+                # The client gave up on this step and has sent a later one (a replay after a failover);
+                # it arrives late from a worker that was frozen or cut off. Running it would rewind the
+                # cache.
+                log.info("stale step %d of session %s dropped", step.step_id, session.label)
+                continue
+            if step.position < session.cache.length:
+                session.cache.truncate(step.position)  # a replay after a failover starts over
+            if session.gap_timer is not None:
+                session.gap_timer.cancel()
+                session.gap_timer = None
+            session.last_step = step.step_id
+            session.running = True
+            try:
+                self.scheduler.submit(
+                    session.cache, step.hidden, functools.partial(self._computed, session, step)
+                )
+            except RuntimeError as exc:  # the compute loop stopped: the worker is shutting down
+                session.running = False
+                self._report(step.message.metadata["client"], step.step_id, ShuttingDown(str(exc)))
+            return
+        if session.gap_timer is None and session.waits_for_earlier_step():
+            loop = asyncio.get_running_loop()
+            session.gap_timer = loop.call_later(REORDER_WAIT_S, self._earlier_step_missing, session)
+
+    def _earlier_step_missing(self, session: ServerSession) -> None:
+        session.gap_timer = None
+        if not session.waits_for_earlier_step():
+            return
+        step = session.pop_first()
+        error = OutOfOrder(
+            f"step at position {step.position}, but the session is at {session.cache.length} and no "
+            f"earlier step arrived within {REORDER_WAIT_S} s"
+        )
+        self._note_refusal(step.message.metadata["client"], step.message, error)
+        self._report(step.message.metadata["client"], step.step_id, error)
+        self._advance(session)
+
+    def _computed(
+        self,
+        session: ServerSession,
+        step: QueuedStep,
+        output: torch.Tensor | None,
+        error: BaseException | None,
     ) -> None:
-        next_peer, next_address, next_token = chain[0]
-        forwarded = dict(message.metadata, token=next_token, chain=chain[1:])
-        frame = encode_message(MessageKind.STEP, message.request_id, forwarded, [output])
-        try:
-            await self.endpoint.send(next_peer, _address(next_address), frame)
-        except TransportError as exc:
-            raise NextHopFailed(
+        session.running = False
+        client = step.message.metadata["client"]
+        if error is not None:
+            log.error("step %d of session %s failed: %r", step.step_id, session.label, error)
+            self.errors += 1
+            self._report(client, step.step_id, WorkerError(f"internal error: {error!r}"))
+        else:
+            assert output is not None
+            self._pass_on(client, session, step, output)
+        self._advance(session)
+
+    def _pass_on(self, client: bytes, session: ServerSession, step: QueuedStep, output: torch.Tensor) -> None:
+        """Sends the output to the next hop, or the result to the client; does not wait for either."""
+        metadata = step.message.metadata
+        if not step.chain:
+            if metadata.get("partial"):
+                return  # a chunk of a longer input: the client waits for the last chunk's result only
+            if metadata.get("last_only"):
+                output = output[-1:]
+            reply = {"session_id": session.session_id, "position": session.cache.length}
+            result = encode_message(MessageKind.STEP_RESULT, step.step_id, reply, [output])
+            self._send(client, None, result, functools.partial(self._client_unreachable, client))
+            return
+        next_peer, next_address, next_token = step.chain[0]
+        forwarded = dict(metadata, token=next_token, chain=step.chain[1:])
+        frame = encode_message(MessageKind.STEP, step.step_id, forwarded, [output])
+
+        def next_hop_failed(exc: BaseException) -> None:
+            error = NextHopFailed(
                 f"blocks {format_block_range(self.span.start, self.span.end)} computed, but the next hop "
                 f"{short_id(next_peer)} at {next_address} failed: {exc}",
                 failed_peer=next_peer,
-            ) from exc
+            )
+            self._note_refusal(client, step.message, error)
+            self._report(client, step.step_id, error)
 
-    async def _report(self, client: bytes, message: Message, error: WorkerError) -> None:
-        extra = {"step_id": message.request_id, "reporter_start": self.span.start}
+        self._send(next_peer, _address(next_address), frame, next_hop_failed)
+
+    def _report(self, client: bytes, step_id: int, error: WorkerError) -> None:
+        extra = {"step_id": step_id, "reporter_start": self.span.start}
+        frame = error_message(step_id, error, **extra)
+        self._send(client, None, frame, functools.partial(self._client_unreachable, client))
+
+    def _send(
+        self,
+        peer: bytes,
+        address: tuple[str, int] | None,
+        frame: Any,
+        on_failure: Callable[[BaseException], None],
+    ) -> None:
         try:
-            await self.endpoint.send(client, None, error_message(message.request_id, error, **extra))
+            sending = self.endpoint.send_soon(peer, address, frame)
         except TransportError as exc:
-            log.info("could not report %s to client %s: %s", error.code.name, short_id(client), exc)
+            on_failure(exc)
+            return
+
+        def sent(future: asyncio.Future[None]) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                on_failure(future.exception())  # type: ignore[arg-type]
+
+        sending.add_done_callback(sent)
+
+    @staticmethod
+    def _client_unreachable(client: bytes, exc: BaseException) -> None:
+        log.info("could not reach client %s: %s", short_id(client), exc)
 
     # ------------------------------------------------------------------ validation
     def _check_model(self, metadata: dict[str, Any]) -> None:
@@ -259,20 +356,6 @@ class WorkerService:
             raise TooLarge(f"{hidden.shape[0]} tokens in one request; the limit is {self.max_request_tokens}")
         return hidden
 
-    @staticmethod
-    def _check_position(session: ServerSession, position: int, tokens: int) -> None:
-        cache = session.cache
-        if position != cache.length:
-            # A client replaying history after a failover rewinds explicitly to an earlier position.
-            if 0 <= position < cache.length:
-                cache.truncate(position)
-            else:
-                raise OutOfOrder(f"step at position {position}, but the session is at {cache.length}")
-        if position + tokens > cache.max_length:
-            raise LengthExceeded(
-                f"{tokens} tokens at position {position} run past the session's max length {cache.max_length}"
-            )
-
     def _chain(self, metadata: dict[str, Any]) -> list[list[Any]]:
         chain = _field(metadata, "chain", list)
         if len(chain) > MAX_CHAIN_HOPS:
@@ -287,6 +370,7 @@ class WorkerService:
             )
             if not valid:
                 raise BadRequest("chain hops are [peer_id, 'host:port', token]")
+            _address(hop[1])
         return chain
 
 
@@ -295,3 +379,14 @@ def _address(text: str) -> tuple[str, int]:
         return parse_host_port(text)
     except ValueError:
         raise BadRequest(f"bad hop address {text!r}") from None
+
+
+def _settle(
+    future: asyncio.Future[torch.Tensor], output: torch.Tensor | None, error: BaseException | None
+) -> None:
+    if future.done():  # the requester gave up
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(output)

@@ -8,13 +8,20 @@ belongs to the session: a client that did not open it cannot name it, let alone 
 
 from __future__ import annotations
 
+import asyncio
+import heapq
 import hmac
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from inferencemesh.compute import errors as compute_errors
 from inferencemesh.compute.kv_cache import KVCacheManager, SessionCache
 from inferencemesh.p2p.identity import short_id
+from inferencemesh.protocol.frames import Message
 from inferencemesh.protocol.messages import CacheFull, TooLarge, UnknownSession
 
 log = logging.getLogger(__name__)
@@ -23,17 +30,75 @@ SESSION_ID_BYTES = 16
 TOKEN_BYTES = 16
 
 
+@dataclass(order=True)
+class QueuedStep:
+    """A validated STEP waiting for its turn in its session."""
+
+    step_id: int
+    position: int = field(compare=False)
+    hidden: torch.Tensor = field(compare=False)  # [tokens, hidden_size]
+    chain: list[list[Any]] = field(compare=False)  # the hops after this worker
+    message: Message = field(compare=False)
+
+
 @dataclass
 class ServerSession:
+    """One client's session: its cache, and its steps in the order the client sent them.
+
+    A client's step ids only grow, so they give the order in which steps must run, whatever order
+    the network delivered them in (each message travels on its own QUIC stream). At most one step
+    of a session is computing at a time (``running``).
+    """
+
     client: bytes
     session_id: bytes
     token: bytes
     cache: SessionCache
-    last_step: int = -1  # id of the latest step run: a client's step ids only grow (see WorkerService)
+    last_step: int = -1  # id of the latest step run
+    running: bool = False
+    pending: list[QueuedStep] = field(default_factory=list)  # a heap ordered by step id
+    gap_timer: asyncio.TimerHandle | None = None  # waiting for a step that arrived late
 
     @property
     def label(self) -> str:
         return f"{short_id(self.client)}/{self.session_id.hex()[:8]}"
+
+    def queue(self, step: QueuedStep) -> None:
+        heapq.heappush(self.pending, step)
+
+    def next_step(self) -> QueuedStep | None:
+        """The step that runs next, if any; None when none is queued or an earlier step is missing.
+
+        The next step is the oldest that can run (its position is at most the cache length). Older
+        steps that cannot run were overtaken: the client has started over from an earlier position
+        (a replay after a failover), so they are dropped.
+        """
+        if self.running:
+            return None
+        runnable = [step for step in self.pending if step.position <= self.cache.length]
+        if not runnable:
+            return None
+        first = min(runnable)
+        overtaken = sum(step < first for step in self.pending)
+        if overtaken:
+            log.info("%d steps of session %s dropped: a later step starts over", overtaken, self.label)
+        self.pending = [step for step in self.pending if step > first]
+        heapq.heapify(self.pending)
+        return first
+
+    def waits_for_earlier_step(self) -> bool:
+        """Steps are queued, none is computing, and none can run before an earlier one arrives."""
+        length = self.cache.length
+        return not self.running and bool(self.pending) and all(s.position > length for s in self.pending)
+
+    def pop_first(self) -> QueuedStep:
+        return heapq.heappop(self.pending)
+
+    def discard_pending(self) -> None:
+        self.pending.clear()
+        if self.gap_timer is not None:
+            self.gap_timer.cancel()
+            self.gap_timer = None
 
 
 class SessionRegistry:
@@ -82,6 +147,7 @@ class SessionRegistry:
         for key in expired:
             session = self._sessions.pop(key, None)
             if session is not None:
+                session.discard_pending()
                 log.info("session %s expired after %.0f s idle", session.label, max_idle_s)
         return len(expired)
 
@@ -91,8 +157,12 @@ class SessionRegistry:
 
     def _drop(self, session: ServerSession, why: str) -> None:
         self._sessions.pop((session.client, session.session_id), None)
+        session.discard_pending()
         self.caches.free((session.client, session.session_id))
         log.info("session %s %s at length %d", session.label, why, session.cache.length)
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def __iter__(self) -> Iterator[ServerSession]:
+        return iter(list(self._sessions.values()))

@@ -83,7 +83,13 @@ class Worker:
 
         sessions = SessionRegistry(span.cache_manager(config.cache_bytes), config.max_session_length)
         self.scheduler = ComputeScheduler(
-            span, max_batch=config.max_batch, prefill_chunk=config.prefill_chunk
+            span,
+            max_batch=config.max_batch,
+            prefill_chunk=config.prefill_chunk,
+            inline_budget_s=config.inline_compute_ms / 1e3,
+            gather_s=config.batch_gather_ms / 1e3,
+            decode_row_s=1 / decode_tps,
+            prefill_token_s=1 / prefill_tps,
         )
         transport = TransportConfig()
         self.endpoint = await Endpoint.start(
@@ -151,12 +157,13 @@ class Worker:
                 window = time.monotonic() - last_log
                 tokens = stats.decode_tokens + stats.prefill_tokens
                 log.info(
-                    "%d sessions, %.1f tok/s over the last %.0f s (decode %.0f tok/s in compute), "
-                    "cache %.1f of %.1f MiB reserved, %d errors",
+                    "%d sessions, %.1f tok/s over the last %.0f s (decode %.0f tok/s in compute, "
+                    "%.1f steps per batch), cache %.1f of %.1f MiB reserved, %d errors",
                     len(service.sessions),
                     (tokens - logged_tokens) / window,
                     window,
                     stats.decode_tokens_per_s,
+                    stats.decode_tokens / max(1, stats.decode_batches),
                     caches.reserved_bytes / 2**20,
                     caches.budget_bytes / 2**20,
                     service.errors,

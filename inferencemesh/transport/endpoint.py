@@ -94,17 +94,43 @@ class Endpoint:
         slow receiver slows the sender down; the frame stays referenced until the peer acknowledged it."""
         await self._submit(False, peer_id, address, frame, None)
 
+    def send_soon(self, peer_id: bytes, address: Address | None, frame: Frame) -> asyncio.Future[None]:
+        """Sends a one-way frame now, without waiting: the frame is handed to QUIC before this returns
+        (when the address is numeric or known). The future tells when QUIC has taken every byte, or
+        why it could not; the caller must look at its outcome (e.g. in a done callback)."""
+        if address is not None and address not in self._numeric and not _is_numeric(address[0]):
+            return asyncio.ensure_future(self.send(peer_id, address, frame))
+        host, port = (None, 0) if address is None else self._numeric_address(address)
+        return self._start(False, peer_id, host, port, frame, None)[1]
+
     async def _submit(
         self, is_request: bool, peer_id: bytes, address: Address | None, frame: Frame, timeout: float | None
     ) -> Any:
-        if self._closed:
-            raise EndpointClosed("the endpoint is closed", peer_id)
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be positive")
         if address is None:
             host, port = None, 0
         else:
             host, port = self._numeric.get(address) or await self._resolve(address)
+        token, future = self._start(is_request, peer_id, host, port, frame, timeout)
+        try:
+            return await future
+        finally:
+            if self._pending.pop(token, None) is not None:  # the caller was cancelled: stop the request
+                self._native.cancel(token)
+
+    def _start(
+        self,
+        is_request: bool,
+        peer_id: bytes,
+        host: str | None,
+        port: int,
+        frame: Frame,
+        timeout: float | None,
+    ) -> tuple[int, asyncio.Future[Any]]:
+        """Hands the frame to the native endpoint; the future resolves with the response or the send."""
+        if self._closed:
+            raise EndpointClosed("the endpoint is closed", peer_id)
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive")
         token = next(self._tokens)
         future: asyncio.Future[Any] = self._loop.create_future()
         self._pending[token] = (future, peer_id)
@@ -118,23 +144,24 @@ class Endpoint:
         except BaseException:
             del self._pending[token]
             raise
-        try:
-            return await future
-        finally:
-            if self._pending.pop(token, None) is not None:  # the caller was cancelled: stop the request
-                self._native.cancel(token)
+        return token, future
 
     async def _resolve(self, address: Address) -> tuple[str, int]:
         host, port = address
-        try:
-            ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
+        if not _is_numeric(host):
             infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
             return str(infos[0][4][0]), int(port)
+        return self._numeric_address(address)
+
+    def _numeric_address(self, address: Address) -> tuple[str, int]:
+        known = self._numeric.get(address)
+        if known is not None:
+            return known
+        numeric = (address[0].strip("[]"), int(address[1]))
         # Numeric addresses never change meaning; remembering them keeps parsing off the hot path.
         if len(self._numeric) < 4096:
-            self._numeric[address] = (host.strip("[]"), int(port))
-        return host.strip("[]"), int(port)
+            self._numeric[address] = numeric
+        return numeric
 
     def _on_events(self) -> None:
         for event in self._native.poll():
@@ -229,3 +256,11 @@ class Endpoint:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _is_numeric(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
