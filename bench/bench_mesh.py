@@ -4,9 +4,14 @@
 2. our engine, one process (LocalModel: the same span code the workers run, no network);
 3. the mesh: a bootstrap node and 3 workers (1-10, 11-20, 21-30) on loopback, our client.
 
+The three decode one token each in turn (transformers, engine, mesh, transformers, ...), so machine
+noise hits them alike; TTFT is the median of --ttft-runs prefills, also taken in turn.
+
 Reports time to first token (TTFT) for the chat prompt, decode tokens/s, the per-hop overhead
 ((mesh decode step - one-process engine decode step) / 3 workers; the engine step is the sum of the
-three spans' compute), and aggregate decode tokens/s with 1, 4 and 16 concurrent sessions.
+three spans' compute), and aggregate decode tokens/s with 1, 4 and 16 concurrent sessions, stepped
+two ways: by one client's ``generate_batch`` (each round sends every session's step at once) and by
+one thread per session (independent users of one client).
 
     python bench/bench_mesh.py [--decode-tokens 64] [--sessions 1 4 16] [--plot docs/bench-mesh.png]
 """
@@ -18,7 +23,9 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
@@ -30,70 +37,94 @@ from inferencemesh.compute.prepare import prepare_model
 PROMPT = "What is the capital of France?"
 
 
-def time_decode(step, first_token: int, tokens: int) -> tuple[float, list[float]]:
-    """Greedy decode of ``tokens`` steps; returns (tokens/s, per-step seconds)."""
-    token, steps = first_token, []
-    for _ in range(tokens):
-        started = time.perf_counter()
-        logits = step([token])
-        steps.append(time.perf_counter() - started)
-        token = int(logits.argmax())
-    return tokens / sum(steps), steps
+class Session(Protocol):
+    def step(self, token_ids: list[int]) -> torch.Tensor: ...  # -> logits of the next token
+    def close(self) -> None: ...
 
 
-def bench_transformers(model_dir: Path, prompt_ids: list[int], tokens: int) -> dict[str, float]:
-    from transformers import AutoModelForCausalLM
+class TransformersSession:
+    """The reference implementation, one process, with its KV cache."""
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    state: dict[str, object] = {}
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self._past: Any = None
 
     @torch.inference_mode()
-    def step(ids: list[int]) -> torch.Tensor:
-        out = model(torch.tensor([ids]), past_key_values=state.get("past"), use_cache=True)
-        state["past"] = out.past_key_values
+    def step(self, token_ids: list[int]) -> torch.Tensor:
+        out = self._model(torch.tensor([token_ids]), past_key_values=self._past, use_cache=True)
+        self._past = out.past_key_values
         return out.logits[0, -1]
 
-    step(prompt_ids)  # warm-up
-    state.clear()
-    started = time.perf_counter()
-    first = int(step(prompt_ids).argmax())
-    ttft = time.perf_counter() - started
-    tps, steps = time_decode(step, first, tokens)
-    return {"ttft_s": ttft, "decode_tps": tps, "step_s": statistics.median(steps)}
+    def close(self) -> None:
+        self._past = None
 
 
-def bench_engine(model_dir: Path, prompt_ids: list[int], tokens: int) -> dict[str, float]:
-    model = LocalModel.load(model_dir, progress=False)
-    warm = model.new_session(len(prompt_ids) + 4)
-    warm.step(prompt_ids)
-    warm.close()
-    session = model.new_session(len(prompt_ids) + tokens + 1)
-    started = time.perf_counter()
-    first = int(session.step(prompt_ids).argmax())
-    ttft = time.perf_counter() - started
-    tps, steps = time_decode(session.step, first, tokens)
-    session.close()
-    return {"ttft_s": ttft, "decode_tps": tps, "step_s": statistics.median(steps)}
-
-
-def bench_mesh(client: DistributedModelForCausalLM, prompt_ids: list[int], tokens: int) -> dict[str, float]:
-    with client.inference_session(len(prompt_ids) + 4) as warm:
-        warm.step(prompt_ids)
-    opened = time.perf_counter()
-    with client.inference_session(len(prompt_ids) + tokens + 1) as session:
-        started = time.perf_counter()
-        first = int(session.step(prompt_ids).argmax())
-        ttft = time.perf_counter() - started
-        tps, steps = time_decode(session.step, first, tokens)
+def side_by_side(
+    factories: dict[str, Callable[[], Session]], prompt_ids: list[int], tokens: int, ttft_runs: int
+) -> dict[str, dict[str, float]]:
+    """TTFT and greedy decode of every system, taking turns step by step."""
+    ttft: dict[str, list[float]] = {name: [] for name in factories}
+    for _ in range(ttft_runs + 1):  # the first round warms up
+        for name, factory in factories.items():
+            session = factory()
+            started = time.perf_counter()
+            session.step(prompt_ids)
+            ttft[name].append(time.perf_counter() - started)
+            session.close()
+    sessions = {name: factory() for name, factory in factories.items()}
+    next_token = {name: int(session.step(prompt_ids).argmax()) for name, session in sessions.items()}
+    steps: dict[str, list[float]] = {name: [] for name in factories}
+    chain: list[float] = []  # the mesh's time in the swarm per step (InferenceSession.last_chain_s)
+    for _ in range(tokens):
+        for name, session in sessions.items():
+            started = time.perf_counter()
+            logits = session.step([next_token[name]])
+            steps[name].append(time.perf_counter() - started)
+            next_token[name] = int(logits.argmax())
+            chain.append(getattr(session, "last_chain_s", 0.0))
+    for session in sessions.values():
+        session.close()
     return {
-        "ttft_s": ttft,
-        "open_s": started - opened,
-        "decode_tps": tps,
-        "step_s": statistics.median(steps),
+        name: {
+            "ttft_s": statistics.median(ttft[name][1:]),
+            "decode_tps": tokens / sum(steps[name]),
+            "step_s": statistics.median(steps[name]),
+            "chain_s": statistics.median([c for c in chain if c > 0] or [0.0]),
+        }
+        for name in factories
     }
 
 
-def aggregate_tps(
+def workers_compute(client: DistributedModelForCausalLM, swarm: LocalSwarm) -> dict[str, tuple[int, float]]:
+    """Each worker's (decode batches, decode seconds) so far, from its PING answer."""
+    from inferencemesh.cli.status import collect
+    from inferencemesh.p2p.address import parse_host_port
+    from inferencemesh.protocol.messages import MessageKind
+
+    async def ping_all() -> dict[str, tuple[int, float]]:
+        report = await collect([swarm.bootstrap], "127.0.0.1")
+        stats = {}
+        for worker in report["models"][0]["workers"]:
+            address = parse_host_port(worker["addresses"][0])
+            pong = await client.runtime.request(
+                bytes.fromhex(worker["peer_id"]), address, MessageKind.PING, {}, 5.0
+            )
+            compute = pong.metadata["compute"]
+            stats[worker["layers"]] = (compute["decode_batches"], compute["decode_seconds"])
+        return stats
+
+    return client.runtime.call(ping_all())
+
+
+def batch_tps(
+    client: DistributedModelForCausalLM, prompt_ids: list[int], sessions: int, tokens: int
+) -> float:
+    """Aggregate decode tokens/s of ``sessions`` sequences generated together by generate_batch."""
+    results = client.generate_batch([prompt_ids] * sessions, max_new_tokens=tokens + 1, ignore_eos=True)
+    return sum(result.decode_tokens_per_s for result in results)
+
+
+def threads_tps(
     client: DistributedModelForCausalLM, prompt_ids: list[int], sessions: int, tokens: int
 ) -> float:
     """Decode tokens/s summed over ``sessions`` sessions stepping concurrently (each in its thread)."""
@@ -104,7 +135,9 @@ def aggregate_tps(
 
     def run(session, first: int) -> None:
         barrier.wait()
-        time_decode(session.step, first, tokens)
+        token = first
+        for _ in range(tokens):
+            token = int(session.step([token]).argmax())
         done.wait()
 
     threads = [threading.Thread(target=run, args=(s, f)) for s, f in zip(opened, firsts, strict=True)]
@@ -121,7 +154,7 @@ def aggregate_tps(
     return sessions * tokens / elapsed
 
 
-def plot(path: Path, results: dict[str, dict[str, float]], aggregate: dict[int, float]) -> None:
+def plot(path: Path, results: dict[str, dict[str, float]], aggregates: dict[str, dict[int, float]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,8 +165,10 @@ def plot(path: Path, results: dict[str, dict[str, float]], aggregate: dict[int, 
     left.bar(names, [results[n]["decode_tps"] for n in names], color=["#999", "#4a7", "#37b"])
     left.set_ylabel("decode tokens/s (batch 1)")
     left.set_title("SmolLM2-135M fp32, one session")
-    counts = sorted(aggregate)
-    right.plot(counts, [aggregate[c] for c in counts], marker="o", color="#37b")
+    for (label, aggregate), color in zip(aggregates.items(), ("#37b", "#b73"), strict=False):
+        counts = sorted(aggregate)
+        right.plot(counts, [aggregate[c] for c in counts], marker="o", color=color, label=label)
+    right.legend()
     right.set_xscale("log", base=2)
     right.set_xticks(counts, [str(c) for c in counts])
     right.set_xlabel("concurrent sessions")
@@ -150,6 +185,7 @@ def main() -> None:
     )
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--ttft-runs", type=int, default=5, help="prefills per system for the TTFT median")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot (needs matplotlib)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
     args = parser.parse_args()
@@ -157,7 +193,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch threads: {args.threads} in this process and in each worker")
 
-    results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as logs:
         swarm = LocalSwarm(Path(logs))
         swarm.start_bootstrap()
@@ -168,10 +203,26 @@ def main() -> None:
             client = DistributedModelForCausalLM.from_pretrained(model_dir, [swarm.bootstrap])
             prompt_ids = client.encode_prompt(PROMPT, chat=True)
             print(f"prompt: {len(prompt_ids)} tokens; decode: {args.decode_tokens} tokens")
-            results["transformers"] = bench_transformers(model_dir, prompt_ids, args.decode_tokens)
-            results["engine"] = bench_engine(model_dir, prompt_ids, args.decode_tokens)
-            results["mesh"] = bench_mesh(client, prompt_ids, args.decode_tokens)
-            aggregate = {n: aggregate_tps(client, prompt_ids, n, args.decode_tokens) for n in args.sessions}
+            from transformers import AutoModelForCausalLM
+
+            reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            engine = LocalModel.load(model_dir, progress=False)
+            length = len(prompt_ids) + args.decode_tokens + 1
+            factories: dict[str, Callable[[], Session]] = {
+                "transformers": lambda: TransformersSession(reference),
+                "engine": lambda: engine.new_session(length),
+                "mesh": lambda: client.inference_session(length),
+            }
+            before = workers_compute(client, swarm)
+            results = side_by_side(factories, prompt_ids, args.decode_tokens, args.ttft_runs)
+            after = workers_compute(client, swarm)
+            # Decode batches of the warm-up and TTFT rounds are single-token-free (prefills), so the
+            # difference is the decode phase: one batch per mesh step and worker.
+            span_compute = sum(
+                (after[k][1] - before[k][1]) / max(1, after[k][0] - before[k][0]) for k in after
+            )
+            batched = {n: batch_tps(client, prompt_ids, n, args.decode_tokens) for n in args.sessions}
+            threaded = {n: threads_tps(client, prompt_ids, n, args.decode_tokens) for n in args.sessions}
             client.close()
         finally:
             swarm.stop()
@@ -183,15 +234,21 @@ def main() -> None:
             f"{name:14s} {r['ttft_s'] * 1e3:9.1f} {r['decode_tps']:13.1f} {r['step_s'] * 1e3:8.2f} "
             f"{r['decode_tps'] / base:15.2f}x"
         )
-    print(f"mesh session open (route + 3 sessions): {results['mesh']['open_s'] * 1e3:.1f} ms")
     overhead = (results["mesh"]["step_s"] - results["engine"]["step_s"]) / 3
     print(f"per-hop overhead: {overhead * 1e3:.3f} ms (median mesh step - median engine step, / 3 workers)")
-    single = aggregate.get(1)
-    for count, tps in aggregate.items():
-        ratio = f" ({tps / single:.2f}x single)" if single else ""
-        print(f"aggregate decode, {count:2d} sessions: {tps:8.1f} tok/s{ratio}")
+    transport = (results["mesh"]["chain_s"] - span_compute) / 3
+    print(
+        f"per-hop overhead: {transport * 1e3:.3f} ms (median time of a step in the swarm, "
+        f"{results['mesh']['chain_s'] * 1e3:.2f} ms, - mean compute the workers measured, "
+        f"{span_compute * 1e3:.2f} ms, / 3 workers)"
+    )
+    for label, aggregate in (("generate_batch", batched), ("thread per session", threaded)):
+        single = aggregate.get(1)
+        for count, tps in aggregate.items():
+            ratio = f" ({tps / single:.2f}x single)" if single else ""
+            print(f"aggregate decode, {count:2d} sessions, {label}: {tps:8.1f} tok/s{ratio}")
     if args.plot:
-        plot(args.plot, results, aggregate)
+        plot(args.plot, results, {"generate_batch": batched, "thread per session": threaded})
 
 
 if __name__ == "__main__":

@@ -262,6 +262,8 @@ class ComputeScheduler:
         started = time.perf_counter()
         chunk = job.hidden[job.done_tokens : job.done_tokens + tokens]
         try:
+            if job.done_tokens == 0:  # a job that cannot finish must not leave a partial prefill
+                job.cache.check_room(job.hidden.shape[0])
             job.outputs.append(self.span.prefill(chunk, job.cache))
         except Exception as exc:
             return None, exc

@@ -16,6 +16,7 @@ up to REORDER_WAIT_S (a client may send several steps back to back, e.g. the chu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -138,6 +139,7 @@ class WorkerService:
             "dtype": str(self.span.dtype).removeprefix("torch."),
             "free_cache_tokens": self.sessions.caches.free_tokens,
             "sessions": len(self.sessions),
+            "compute": dataclasses.asdict(self.scheduler.stats),  # cumulative, since start
         }
 
     async def _open_session(self, peer_id: bytes, message: Message) -> Any:

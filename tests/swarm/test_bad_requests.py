@@ -200,3 +200,85 @@ def test_stateless_forward_matches_a_session_prefill(
     via_session = step(runtime, first_worker, session_id, token, 0, hidden)
     assert forward.kind == MessageKind.FORWARD_RESULT
     torch.testing.assert_close(forward.tensors[0], via_session, rtol=0, atol=1e-5)
+
+
+def send_steps(
+    runtime: MeshRuntime,
+    worker: ProviderEntry,
+    session_id: bytes,
+    token: bytes,
+    steps: list[tuple[int, int, Any]],
+    wait_s: float = 10.0,
+) -> list[Any]:
+    """Sends one-hop STEPs in the given order without waiting in between: (id rank, position, hidden),
+    where the id rank orders the step ids as a client would have numbered them. Returns each step's
+    result tensor, its WorkerError, or None when nothing came back within ``wait_s``."""
+
+    async def go() -> list[Any]:
+        allocated = sorted(runtime.new_step() for _ in steps)  # ids in the order the client made them
+        outcomes = []
+        for rank, position, hidden in steps:
+            step_id, _ = allocated[rank]
+            metadata = {
+                "client": runtime.identity.peer_id,
+                "session_id": session_id,
+                "token": token,
+                "position": position,
+                "last_only": False,
+                "chain": [],
+            }
+            frame = encode_message(MessageKind.STEP, step_id, metadata, [hidden])
+            await runtime.endpoint.send(worker.peer_id, entry_address(worker), frame)
+        for rank, _, _ in steps:
+            step_id, result = allocated[rank]
+            try:
+                message = await asyncio.wait_for(asyncio.shield(result), wait_s)
+                outcomes.append(message.tensors[0])
+            except WorkerError as exc:
+                outcomes.append(exc)
+            except TimeoutError:
+                outcomes.append(None)
+            runtime.forget_step(step_id)
+        return outcomes
+
+    return runtime.call(go())
+
+
+def test_steps_that_arrive_out_of_order_run_in_the_order_the_client_sent_them(
+    runtime: MeshRuntime, first_worker: ProviderEntry, client: DistributedModelForCausalLM
+) -> None:
+    torch.manual_seed(3)
+    hidden = torch.randn(8, HIDDEN)
+    session_id, token = open_session(runtime, first_worker, client.model_id)
+    one_shot = step(runtime, first_worker, session_id, token, 0, hidden)
+    session_id, token = open_session(runtime, first_worker, client.model_id)
+    # The second half arrives first: the worker holds it until the first half has run.
+    later, earlier = send_steps(
+        runtime, first_worker, session_id, token, [(1, 4, hidden[4:]), (0, 0, hidden[:4])]
+    )
+    torch.testing.assert_close(torch.cat([earlier, later]), one_shot, rtol=1e-5, atol=1e-4)
+
+
+def test_a_step_overtaken_by_a_replay_from_position_zero_is_dropped(
+    runtime: MeshRuntime, first_worker: ProviderEntry, client: DistributedModelForCausalLM
+) -> None:
+    torch.manual_seed(4)
+    hidden = torch.randn(6, HIDDEN)
+    session_id, token = open_session(runtime, first_worker, client.model_id)
+    # Step 0 at position 3 waits for a step that never comes; step 1 starts over at position 0
+    # (what a client replaying after a failover sends), so step 0 is stale: no result, no error.
+    stale, replay = send_steps(
+        runtime,
+        first_worker,
+        session_id,
+        token,
+        [(0, 3, hidden[3:4]), (1, 0, hidden[:3])],
+        wait_s=3.0,  # longer than the worker's REORDER_WAIT_S: an OutOfOrder report would show
+    )
+    assert stale is None
+    assert replay.shape == (3, HIDDEN)
+    # The session continues from the replay, at position 3.
+    out = step(runtime, first_worker, session_id, token, 3, hidden[3:])
+    fresh_id, fresh_token = open_session(runtime, first_worker, client.model_id)
+    expected = step(runtime, first_worker, fresh_id, fresh_token, 0, hidden)
+    torch.testing.assert_close(torch.cat([replay, out]), expected, rtol=1e-5, atol=1e-4)

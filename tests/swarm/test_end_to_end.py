@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import socket
@@ -10,8 +11,11 @@ import sys
 import threading
 from pathlib import Path
 
+import torch
+
 from inferencemesh.cli.local_swarm import LocalSwarm
 from inferencemesh.client.model import DistributedModelForCausalLM
+from inferencemesh.client.session import SessionOptions
 from tests.swarm.conftest import MAX_NEW_TOKENS, PROMPTS
 
 
@@ -154,3 +158,32 @@ def test_demo_answers_and_shuts_every_process_down(smollm2_dir: Path) -> None:
     for port in (base, base + 10, base + 11, base + 20, base + 21, base + 30, base + 31):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.bind(("127.0.0.1", port))
+
+
+def test_a_prompt_sent_in_pipelined_chunks_gives_the_same_logits(client: DistributedModelForCausalLM) -> None:
+    prompt_ids = client.encode_prompt(" ".join(PROMPTS), chat=True)
+    assert len(prompt_ids) > 40
+    logits = {}
+    for chunk in (0, 8):
+        client.options = dataclasses.replace(client.options, prefill_chunk=chunk)
+        try:
+            with client.inference_session(max_length=len(prompt_ids) + 1) as session:
+                logits[chunk] = session.step(prompt_ids)
+        finally:
+            client.options = dataclasses.replace(client.options, prefill_chunk=SessionOptions().prefill_chunk)
+    torch.testing.assert_close(logits[8], logits[0], rtol=1e-5, atol=1e-4)
+
+
+def test_generate_batch_gives_every_prompt_its_exact_continuation(
+    client: DistributedModelForCausalLM, reference_tokens: dict[str, list[int]]
+) -> None:
+    streamed: dict[int, str] = {}
+
+    def on_text(index: int, text: str) -> None:
+        streamed[index] = streamed.get(index, "") + text
+
+    results = client.generate_batch(PROMPTS, chat=True, max_new_tokens=MAX_NEW_TOKENS, on_text=on_text)
+    for index, (prompt, result) in enumerate(zip(PROMPTS, results, strict=True)):
+        assert result.token_ids == reference_tokens[prompt], prompt
+        assert streamed.get(index, "") == result.text
+        assert result.decode_tokens_per_s > 0 and len(result.route) == 3

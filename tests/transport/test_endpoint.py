@@ -387,3 +387,26 @@ def test_one_way_messages_never_run_out_of_stream_credit() -> None:
         return received
 
     assert run(scenario()) == 3000
+
+
+def test_send_soon_hands_every_frame_over_and_reports_failures_through_its_future() -> None:
+    async def scenario() -> tuple[list[int], BaseException | None]:
+        a, b = await pair()
+        received: list[int] = []
+        b.set_handler(lambda peer_id, buffer: received.append(metadata_of(buffer)["n"]))
+        # No await between the sends: each frame is handed to QUIC before send_soon returns.
+        sends = [a.send_soon(b.peer_id, ("127.0.0.1", b.port), frame(ECHO, {"n": n})) for n in range(50)]
+        await asyncio.wait_for(asyncio.gather(*sends), 5)
+        deadline = time.monotonic() + 5
+        while len(received) < 50 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        # A peer with no connection and no address: the future fails, send_soon itself does not raise.
+        failed = a.send_soon(new_key(), None, frame(ECHO))
+        error = await asyncio.wait_for(asyncio.gather(failed, return_exceptions=True), 5)
+        await a.close()
+        await b.close()
+        return received, error[0]
+
+    received, error = run(scenario())
+    assert sorted(received) == list(range(50))
+    assert isinstance(error, PeerUnreachable)

@@ -1,0 +1,37 @@
+"""Projection: the kernel chosen for each row count computes x @ W.T + b like torch's reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from inferencemesh.compute.linear import SKINNY_ROWS, Projection
+
+
+@pytest.mark.parametrize("rows", range(1, SKINNY_ROWS + 3))
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_float32_projection_matches_linear_for_every_row_count(rows: int, bias: bool) -> None:
+    torch.manual_seed(rows)
+    weight, x = torch.randn(96, 40), torch.randn(rows, 40)
+    b = torch.randn(96) if bias else None
+    y = Projection(weight, b)(x)
+    assert y.shape == (rows, 96) and y.is_contiguous()
+    torch.testing.assert_close(y, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_do_not_depend_on_each_other() -> None:
+    # The skinny kernel pads odd row counts; no row may see another's values or the padding.
+    torch.manual_seed(0)
+    projection = Projection(torch.randn(64, 32))
+    x = torch.randn(SKINNY_ROWS + 1, 32)
+    alone = torch.cat([projection(x[i : i + 1]) for i in range(x.shape[0])])
+    for rows in range(1, x.shape[0] + 1):
+        torch.testing.assert_close(projection(x[:rows]), alone[:rows], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_uses_torchs_linear(dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    weight, x = torch.randn(48, 16, dtype=dtype), torch.randn(3, 16, dtype=dtype)
+    assert torch.equal(Projection(weight)(x), F.linear(x, weight))

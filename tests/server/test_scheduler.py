@@ -1,0 +1,165 @@
+"""The worker's compute loop on a real span (SmolLM2 blocks 1-2): where work runs, how decodes batch,
+and that results are the span's whatever path they take."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from inferencemesh.compute.errors import CacheOverflow
+from inferencemesh.compute.kv_cache import KVCacheManager, SessionCache
+from inferencemesh.compute.span import Span
+from inferencemesh.server.scheduler import ComputeScheduler
+
+HIDDEN = 576
+
+
+@pytest.fixture(scope="module")
+def span(smollm2_dir: Path) -> Span:
+    return Span.load(smollm2_dir, 0, 2, progress=False)
+
+
+@pytest.fixture
+def caches(span: Span) -> Iterator[KVCacheManager]:
+    yield span.cache_manager(64 << 20)
+
+
+def scheduler(span: Span, *, inline_budget_s: float = 1.0, gather_s: float = 0.0) -> ComputeScheduler:
+    return ComputeScheduler(
+        span,
+        max_batch=8,
+        prefill_chunk=4,
+        inline_budget_s=inline_budget_s,
+        gather_s=gather_s,
+        decode_row_s=0.001,
+        prefill_token_s=0.001,
+    )
+
+
+async def compute(sched: ComputeScheduler, cache: SessionCache, hidden: torch.Tensor) -> torch.Tensor:
+    done: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+
+    def settle(output: torch.Tensor | None, error: BaseException | None) -> None:
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(output)
+
+    sched.submit(cache, hidden, settle)
+    return await done
+
+
+def reference(span: Span, caches: KVCacheManager, prompt: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    cache = caches.allocate("reference", 32)
+    span.prefill(prompt, cache)
+    output = span.decode(step, [cache])
+    caches.free("reference")
+    return output
+
+
+@pytest.mark.parametrize("inline_budget_s", [1.0, 0.0], ids=["inline", "compute-thread"])
+def test_prefill_and_decode_give_the_span_output_inline_or_on_the_thread(
+    span: Span, caches: KVCacheManager, inline_budget_s: float
+) -> None:
+    torch.manual_seed(0)
+    prompt, step = torch.randn(10, HIDDEN), torch.randn(1, HIDDEN)
+
+    async def run() -> tuple[torch.Tensor, ComputeScheduler]:
+        sched = scheduler(span, inline_budget_s=inline_budget_s)
+        cache = caches.allocate("session", 32)
+        # 10 tokens with 4-token chunks on the thread: three chunks whose outputs are joined.
+        prefilled = await compute(sched, cache, prompt)
+        assert prefilled.shape == (10, HIDDEN)
+        return await compute(sched, cache, step), sched
+
+    output, sched = asyncio.run(run())
+    sched.stop()
+    torch.testing.assert_close(output, reference(span, caches, prompt, step), rtol=1e-5, atol=1e-4)
+    assert sched.stats.prefill_tokens == 10 and sched.stats.decode_tokens == 1
+    assert (sched.stats.inline_jobs > 0) == (inline_budget_s > 0)
+
+
+def test_decodes_submitted_in_one_loop_turn_run_as_one_batch(span: Span, caches: KVCacheManager) -> None:
+    torch.manual_seed(1)
+    prompts = [torch.randn(3 + i, HIDDEN) for i in range(3)]
+    steps = torch.randn(3, HIDDEN)
+
+    async def run() -> tuple[list[torch.Tensor], ComputeScheduler]:
+        sched = scheduler(span)
+        sessions = [caches.allocate(i, 32) for i in range(3)]
+        for cache, prompt in zip(sessions, prompts, strict=True):
+            await compute(sched, cache, prompt)
+        outputs = await asyncio.gather(
+            *(compute(sched, cache, steps[i : i + 1]) for i, cache in enumerate(sessions))
+        )
+        return outputs, sched
+
+    outputs, sched = asyncio.run(run())
+    sched.stop()
+    assert sched.stats.decode_batches == 1 and sched.stats.decode_tokens == 3
+    for i, output in enumerate(outputs):
+        expected = reference(span, caches, prompts[i], steps[i : i + 1])
+        torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_a_batch_waits_for_active_sessions_but_no_longer_than_one_batch_takes(
+    span: Span, caches: KVCacheManager
+) -> None:
+    async def run() -> float:
+        sched = scheduler(span, gather_s=5.0)
+        sessions = [caches.allocate(i, 32) for i in range(2)]
+        step = torch.zeros(1, HIDDEN)
+        for cache in sessions:
+            await compute(sched, cache, torch.zeros(2, HIDDEN))
+        # Both sessions decode once, in separate batches (nothing else is active yet).
+        await compute(sched, sessions[0], step)
+        await compute(sched, sessions[1], step)
+        assert sched.stats.decode_batches == 2
+        # Now both are active: a step arriving a loop turn after the first joins its batch.
+        first = asyncio.ensure_future(compute(sched, sessions[0], step))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert not first.done()
+        await asyncio.gather(first, compute(sched, sessions[1], step))
+        assert sched.stats.decode_batches == 3
+        # A step that nobody joins waits at most about one batch's compute, not the 5 s quiet gap.
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await compute(sched, sessions[0], step)
+        assert sched.stats.decode_batches == 4
+        sched.stop()
+        return loop.time() - started
+
+    assert asyncio.run(run()) < 5.0
+
+
+def test_a_lone_session_never_waits(span: Span, caches: KVCacheManager) -> None:
+    async def run() -> float:
+        sched = scheduler(span, gather_s=5.0)
+        cache = caches.allocate("alone", 32)
+        await compute(sched, cache, torch.zeros(2, HIDDEN))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for _ in range(3):
+            await compute(sched, cache, torch.zeros(1, HIDDEN))
+        sched.stop()
+        return loop.time() - started
+
+    assert asyncio.run(run()) < 5.0  # a wait would take the whole gap
+
+
+def test_a_failing_job_reports_its_error_and_the_loop_goes_on(span: Span, caches: KVCacheManager) -> None:
+    async def run() -> ComputeScheduler:
+        sched = scheduler(span, inline_budget_s=0.0)
+        cache = caches.allocate("session", 4)
+        with pytest.raises(CacheOverflow):
+            await compute(sched, cache, torch.zeros(6, HIDDEN))  # longer than the cache
+        output = await compute(sched, cache, torch.zeros(2, HIDDEN))
+        assert output.shape == (2, HIDDEN)
+        return sched
+
+    asyncio.run(run()).stop()
