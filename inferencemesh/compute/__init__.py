@@ -16,7 +16,14 @@ from inferencemesh.compute.errors import (
     UnknownSession,
     UnsupportedModel,
 )
-from inferencemesh.compute.generation import GenerationResult, LocalModel, LocalSession, TextStream, generate
+from inferencemesh.compute.generation import (
+    GenerationResult,
+    LocalModel,
+    LocalSession,
+    TextStream,
+    TokenLoop,
+    generate,
+)
 from inferencemesh.compute.head import ClientHead
 from inferencemesh.compute.identity import model_id
 from inferencemesh.compute.kv_cache import KVCacheManager, SessionCache
@@ -46,6 +53,7 @@ __all__ = [
     "SessionCache",
     "Span",
     "TextStream",
+    "TokenLoop",
     "Tokenizer",
     "UnknownSession",
     "UnsupportedModel",

@@ -1,8 +1,9 @@
 """The generation loop (sampling, EOS, stop strings, streaming) and a one-process model.
 
-:func:`generate` only needs a ``step`` function that consumes new token ids and returns the logits of
-the last one, so the same loop drives the local model here and the mesh client (which runs the
-blocks on remote workers).
+:class:`TokenLoop` holds one sequence's generation state and :func:`generate` drives it with a
+``step`` function that consumes new token ids and returns the logits of the last one, so the same
+logic serves the local model here and the mesh client (which runs the blocks on remote workers and
+steps many sequences together).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class TokenLoop:
     """One sequence's generation state: sampling, EOS, stop strings, the length limit and streaming.
 
     Feed it the logits after each step; it answers the next token to step with, or None once the
-    sequence has ended. :func:`generate` drives one sequence with it; a batch API drives several.
+    sequence has ended.
     """
 
     def __init__(
@@ -139,28 +140,8 @@ class TokenLoop:
         return GenerationResult(self.generated, self._stream.text, self.finish_reason)
 
 
-def generate(
-    step: StepFn,
-    prompt_ids: Sequence[int],
-    tokenizer: Tokenizer,
-    *,
-    max_new_tokens: int,
-    sampling: SamplingParams | None = None,
-    stop_strings: Sequence[str] = (),
-    ignore_eos: bool = False,
-    on_text: Callable[[str], None] | None = None,
-) -> GenerationResult:
-    """Generates until EOS (unless ``ignore_eos``), a stop string or ``max_new_tokens``; ``on_text``
-    receives text deltas."""
-    loop = TokenLoop(
-        prompt_ids,
-        tokenizer,
-        max_new_tokens=max_new_tokens,
-        sampling=sampling,
-        stop_strings=stop_strings,
-        ignore_eos=ignore_eos,
-        on_text=on_text,
-    )
+def generate(step: StepFn, loop: TokenLoop, prompt_ids: Sequence[int]) -> GenerationResult:
+    """Drives one sequence: the prompt, then a step per token until ``loop`` says it has ended."""
     token = loop.next_token(step(prompt_ids))
     while token is not None:
         token = loop.next_token(step([token]))
@@ -241,17 +222,17 @@ class LocalModel:
     ) -> GenerationResult:
         if self.tokenizer is None:
             raise ValueError("generation needs a tokenizer; this model was built without one")
+        loop = TokenLoop(
+            prompt_ids,
+            self.tokenizer,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            stop_strings=stop_strings,
+            on_text=on_text,
+        )
         session = self.new_session(len(prompt_ids) + max_new_tokens)
         try:
-            return generate(
-                session.step,
-                prompt_ids,
-                self.tokenizer,
-                max_new_tokens=max_new_tokens,
-                sampling=sampling,
-                stop_strings=stop_strings,
-                on_text=on_text,
-            )
+            return generate(session.step, loop, prompt_ids)
         finally:
             session.close()
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 SKINNY_ROWS = 4  # float32 inputs of at most this many rows use the (W @ x.T).T product
 
+
 class Projection:
     """``y = x @ weight.T + bias`` for ``x`` ``[rows, in_features]``; ``weight`` is HF's ``[out, in]``."""
 

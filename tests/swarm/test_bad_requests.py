@@ -65,6 +65,49 @@ def open_session(runtime: MeshRuntime, worker: ProviderEntry, model_id: str, max
     return session_id, token
 
 
+def send_steps(
+    runtime: MeshRuntime,
+    worker: ProviderEntry,
+    session_id: bytes,
+    token: bytes,
+    steps: list[tuple[int, int, Any]],
+    wait_s: float = 10.0,
+    client: bytes | None = None,
+) -> list[Any]:
+    """Sends one-hop STEPs in the given order without waiting in between: (id rank, position, hidden),
+    where the id rank orders the step ids as a client would have numbered them. Returns each step's
+    result tensor, its WorkerError, or None when nothing came back within ``wait_s``."""
+
+    async def go() -> list[Any]:
+        allocated = sorted(runtime.new_step() for _ in steps)  # ids in the order the client made them
+        outcomes = []
+        for rank, position, hidden in steps:
+            step_id, _ = allocated[rank]
+            metadata = {
+                "client": client or runtime.identity.peer_id,
+                "session_id": session_id,
+                "token": token,
+                "position": position,
+                "last_only": False,
+                "chain": [],
+            }
+            frame = encode_message(MessageKind.STEP, step_id, metadata, [hidden])
+            await runtime.endpoint.send(worker.peer_id, entry_address(worker), frame)
+        for rank, _, _ in steps:
+            step_id, result = allocated[rank]
+            try:
+                message = await asyncio.wait_for(asyncio.shield(result), wait_s)
+                outcomes.append(message.tensors[0])
+            except WorkerError as exc:
+                outcomes.append(exc)
+            except TimeoutError:
+                outcomes.append(None)
+            runtime.forget_step(step_id)
+        return outcomes
+
+    return runtime.call(go())
+
+
 def step(
     runtime: MeshRuntime,
     worker: ProviderEntry,
@@ -75,23 +118,11 @@ def step(
     client: bytes | None = None,
 ) -> torch.Tensor:
     """Sends a one-hop STEP; returns the result tensor or raises the worker's typed error."""
-
-    async def go() -> torch.Tensor:
-        step_id, result = runtime.new_step()
-        metadata = {
-            "client": client or runtime.identity.peer_id,
-            "session_id": session_id,
-            "token": token,
-            "position": position,
-            "last_only": False,
-            "chain": [],
-        }
-        frame = encode_message(MessageKind.STEP, step_id, metadata, [hidden])
-        await runtime.endpoint.send(worker.peer_id, entry_address(worker), frame)
-        message = await asyncio.wait_for(result, 10)
-        return message.tensors[0]
-
-    return runtime.call(go())
+    (outcome,) = send_steps(runtime, worker, session_id, token, [(0, position, hidden)], client=client)
+    if isinstance(outcome, WorkerError):
+        raise outcome
+    assert outcome is not None, "no answer to the step"
+    return outcome
 
 
 def test_wrong_model_and_oversized_session_are_refused(
@@ -200,48 +231,6 @@ def test_stateless_forward_matches_a_session_prefill(
     via_session = step(runtime, first_worker, session_id, token, 0, hidden)
     assert forward.kind == MessageKind.FORWARD_RESULT
     torch.testing.assert_close(forward.tensors[0], via_session, rtol=0, atol=1e-5)
-
-
-def send_steps(
-    runtime: MeshRuntime,
-    worker: ProviderEntry,
-    session_id: bytes,
-    token: bytes,
-    steps: list[tuple[int, int, Any]],
-    wait_s: float = 10.0,
-) -> list[Any]:
-    """Sends one-hop STEPs in the given order without waiting in between: (id rank, position, hidden),
-    where the id rank orders the step ids as a client would have numbered them. Returns each step's
-    result tensor, its WorkerError, or None when nothing came back within ``wait_s``."""
-
-    async def go() -> list[Any]:
-        allocated = sorted(runtime.new_step() for _ in steps)  # ids in the order the client made them
-        outcomes = []
-        for rank, position, hidden in steps:
-            step_id, _ = allocated[rank]
-            metadata = {
-                "client": runtime.identity.peer_id,
-                "session_id": session_id,
-                "token": token,
-                "position": position,
-                "last_only": False,
-                "chain": [],
-            }
-            frame = encode_message(MessageKind.STEP, step_id, metadata, [hidden])
-            await runtime.endpoint.send(worker.peer_id, entry_address(worker), frame)
-        for rank, _, _ in steps:
-            step_id, result = allocated[rank]
-            try:
-                message = await asyncio.wait_for(asyncio.shield(result), wait_s)
-                outcomes.append(message.tensors[0])
-            except WorkerError as exc:
-                outcomes.append(exc)
-            except TimeoutError:
-                outcomes.append(None)
-            runtime.forget_step(step_id)
-        return outcomes
-
-    return runtime.call(go())
 
 
 def test_steps_that_arrive_out_of_order_run_in_the_order_the_client_sent_them(
