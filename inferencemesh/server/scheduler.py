@@ -5,10 +5,11 @@ a callback on that thread. Decode steps (one token) of all sessions that arrived
 loop turn run as one batched forward (continuous batching: sessions join and leave between batches).
 
 When it runs: a decode batch waits for more steps while they keep arriving (no gap longer than
-``gather_s``) from sessions that stepped in the last ACTIVE_S, up to one batch's compute time. A
-client stepping many sessions sends their steps as a burst; without the wait the first one or two
+``gather_s``) from sessions that submitted work in the last ACTIVE_S, up to one batch's compute time.
+A client stepping many sessions sends their steps as a burst; without the wait the first one or two
 would run alone and split the burst into small batches at every hop, each streaming all weights.
-A lone session never waits.
+A lone session never waits: its decode runs as soon as it arrives, not even at the end of the loop
+turn.
 
 Where it runs: small work runs inline on the event loop thread when the compute thread is idle. A
 decode step then costs no thread hand-off; two thread wake-ups (to the compute thread and back) cost
@@ -38,7 +39,7 @@ from inferencemesh.compute.span import Span
 
 log = logging.getLogger(__name__)
 
-ACTIVE_S = 1.0  # a session that ran a decode step this recently is expected to send another
+ACTIVE_S = 1.0  # a session that submitted work this recently is expected to send more
 
 # done(output, None) or done(None, error), called on the event loop thread.
 Done = Callable[[torch.Tensor | None, BaseException | None], None]
@@ -117,15 +118,21 @@ class ComputeScheduler:
         if self._stopping:
             raise RuntimeError("the compute loop has stopped")
         job = _Job(cache, hidden, done)
+        others_active = self._others_active(id(cache))
+        self._recent[id(cache)] = time.perf_counter()
         if hidden.shape[0] == 1:
-            # Wait for the rest of this loop turn at least: other sessions' decodes may join the batch.
             self._last_arrival = time.perf_counter()
             if not self._arrived:
                 self._first_arrival = self._last_arrival
             self._arrived.append(job)
-            if not self._flush_scheduled and self._gather_timer is None:
-                self._flush_scheduled = True
-                self._loop.call_soon(self._flush)
+            if self._flush_scheduled or self._gather_timer is not None:
+                return
+            if len(self._arrived) == 1 and not others_active:
+                self._flush()  # a lone session: no other step could join its batch
+                return
+            # Wait for the rest of this loop turn at least: other sessions' decodes may join the batch.
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
             return
         tokens = hidden.shape[0]
         if self._start_inline(tokens * self._prefill_token_s):
@@ -157,9 +164,6 @@ class ComputeScheduler:
             self._gather_timer = self._loop.call_later(wait, self._flush)
             return
         arrived, self._arrived = self._arrived, []
-        now = time.perf_counter()
-        for job in arrived:
-            self._recent[id(job.cache)] = now
         for start in range(0, len(arrived), self.max_batch):
             batch = arrived[start : start + self.max_batch]
             if not self._start_inline(len(batch) * self._decode_row_s):
@@ -192,6 +196,11 @@ class ComputeScheduler:
 
     def _new_turn(self) -> None:
         self._inline_spent = 0.0
+
+    def _others_active(self, key: int) -> bool:
+        """Whether a session other than ``key`` ran a decode step in the last ACTIVE_S."""
+        now = time.perf_counter()
+        return any(other != key and now - at < ACTIVE_S for other, at in self._recent.items())
 
     def _gather_wait(self) -> float:
         """How much longer the decodes that arrived should wait for more to join them (0: run now)."""
