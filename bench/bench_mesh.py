@@ -74,7 +74,7 @@ def side_by_side(
     sessions = {name: factory() for name, factory in factories.items()}
     next_token = {name: int(session.step(prompt_ids).argmax()) for name, session in sessions.items()}
     steps: dict[str, list[float]] = {name: [] for name in factories}
-    chain: list[float] = []  # the mesh's time in the swarm per step (InferenceSession.last_chain_s)
+    chain: list[float] = []  # the mesh step's time in the swarm (InferenceSession.last_chain_s)
     for _ in range(tokens):
         for name, session in sessions.items():
             started = time.perf_counter()

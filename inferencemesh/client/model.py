@@ -44,20 +44,22 @@ class InferenceSession:
         self._remote = model._remote_session(max_length)
         model.runtime.call(self._remote.open())
         self.token_ids: list[int] = []
-        self.last_chain_s = 0.0  # the last step's time in the swarm: sent to the first hop -> result back
 
     def step(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Feeds ``token_ids`` (the prompt, then one token at a time); returns float32 logits [vocab]."""
         hidden = self._model.head.embed(list(token_ids)).to(torch.float32)
-        sent = time.perf_counter()
         output = self._model.runtime.call(self._remote.step(hidden))
-        self.last_chain_s = time.perf_counter() - sent
         self.token_ids.extend(token_ids)
         return self._model.lm_head.logits(output)[-1]
 
     @property
     def route(self) -> list[dict[str, Any]]:
         return [hop.describe() for hop in self._remote.hops]
+
+    @property
+    def last_chain_s(self) -> float:
+        """The last step's time in the swarm: from sending it to the first hop to its result."""
+        return self._remote.last_chain_s
 
     @property
     def failovers(self) -> int:

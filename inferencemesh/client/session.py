@@ -121,6 +121,7 @@ class RemoteSession:
     session_id: bytes = field(default_factory=lambda: os.urandom(16))
     hops: list[OpenHop] = field(default_factory=list)
     position: int = 0
+    last_chain_s: float = 0.0  # the last step's time in the swarm: sent to the first hop -> result
     failovers: list[Failover] = field(default_factory=list)
     _inputs: list[torch.Tensor] = field(default_factory=list)
     _providers: Providers = field(default_factory=dict)  # from the last DHT lookup
@@ -252,6 +253,7 @@ class RemoteSession:
         the second hop computes the first chunk, the first hop computes the second (pipeline
         parallelism). Only the last chunk's result comes back; an error on any chunk fails the step.
         """
+        started = time.perf_counter()
         first, rest = self.hops[0], self.hops[1:]
         chain = [[h.peer_id, h.entry.addresses[0], h.token] for h in rest]
         chunk = self.options.prefill_chunk
@@ -283,6 +285,7 @@ class RemoteSession:
         finally:
             for step_id in step_ids:
                 self.runtime.forget_step(step_id)
+        self.last_chain_s = time.perf_counter() - started
         return message.tensors[0]
 
     async def _await_result(self, result: asyncio.Future[Any]) -> Any:
