@@ -208,12 +208,15 @@ class WorkerService:
             return
         try:
             session, step = self._accept(client, message)
+            session.queue(step)
+            self._advance(session)
         except WorkerError as exc:
             self._note_refusal(sender, message, exc)
             self._report(client, message.request_id, exc)
-            return
-        session.queue(step)
-        self._advance(session)
+        except Exception as exc:
+            log.exception("step %d of client %s failed", message.request_id, short_id(client))
+            self.errors += 1
+            self._report(client, message.request_id, WorkerError(f"internal error: {exc!r}"))
 
     def _accept(self, client: bytes, message: Message) -> tuple[ServerSession, QueuedStep]:
         metadata = message.metadata
@@ -251,8 +254,8 @@ class WorkerService:
                 session.gap_timer.cancel()
                 session.gap_timer = None
             session.last_step = step.step_id
-            session.running = True
             outgoing = self._outgoing(session, step)
+            session.running = True
             try:
                 self.scheduler.submit(
                     session.cache, step.hidden, functools.partial(self._computed, session, step, outgoing)
@@ -287,16 +290,18 @@ class WorkerService:
         error: BaseException | None,
     ) -> None:
         session.running = False
+        try:
+            if error is None and outgoing is not None:
+                assert output is not None
+                outgoing.buffer.copy_(output[-outgoing.buffer.shape[0] :])  # to host memory, if on a GPU
+                self._send(outgoing.peer, outgoing.address, outgoing.frame, outgoing.on_failure)
+        except Exception as exc:
+            error = exc
         if error is not None:
             log.error("step %d of session %s failed: %r", step.step_id, session.label, error)
             self.errors += 1
-            self._report(
-                step.message.metadata["client"], step.step_id, WorkerError(f"internal error: {error!r}")
-            )
-        elif outgoing is not None:
-            assert output is not None
-            outgoing.buffer.copy_(output[-outgoing.buffer.shape[0] :])  # to host memory, if on a GPU
-            self._send(outgoing.peer, outgoing.address, outgoing.frame, outgoing.on_failure)
+            failure = WorkerError(f"internal error: {error!r}")
+            self._report(step.message.metadata["client"], step.step_id, failure)
         self._advance(session)
 
     def _outgoing(self, session: ServerSession, step: QueuedStep) -> _Outgoing | None:
