@@ -96,7 +96,7 @@ class ComputeScheduler:
         self._prefill_token_s = prefill_token_s
         self._loop = asyncio.get_running_loop()
         # Loop thread only: decodes waiting to run, when the first and the last of them arrived, and
-        # when each recent session last ran a decode step.
+        # when each recent session (by id of its cache) last submitted work.
         self._arrived: list[_Job] = []
         self._first_arrival = self._last_arrival = 0.0
         self._flush_scheduled = False
@@ -198,18 +198,18 @@ class ComputeScheduler:
         self._inline_spent = 0.0
 
     def _others_active(self, key: int) -> bool:
-        """Whether a session other than ``key`` ran a decode step in the last ACTIVE_S."""
+        """Whether a session other than ``key`` submitted work in the last ACTIVE_S."""
         now = time.perf_counter()
-        return any(other != key and now - at < ACTIVE_S for other, at in self._recent.items())
+        self._recent = {other: at for other, at in self._recent.items() if now - at < ACTIVE_S}
+        return any(other != key for other in self._recent)
 
     def _gather_wait(self) -> float:
         """How much longer the decodes that arrived should wait for more to join them (0: run now)."""
         if not self._arrived or self.gather_s <= 0:
             return 0.0
         now = time.perf_counter()
-        self._recent = {key: at for key, at in self._recent.items() if now - at < ACTIVE_S}
         waiting = {id(job.cache) for job in self._arrived}
-        expected = len(self._recent.keys() - waiting)
+        expected = sum(now - at < ACTIVE_S for key, at in self._recent.items() if key not in waiting)
         if expected == 0 or len(self._arrived) >= self.max_batch:
             return 0.0
         quiet_until = self._last_arrival + self.gather_s
