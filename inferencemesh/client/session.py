@@ -66,7 +66,8 @@ class SessionOptions:
     # A step without a result after this long makes the client probe every hop, and again every
     # step_timeout_s while it waits: hops that do not answer are dead or hung (failover at once); if all
     # answer, they are busy (a long prefill) and the client waits on. A probe is a PING that the worker's
-    # event loop answers while its compute thread works, so probing early costs a few small messages.
+    # event loop answers while its compute thread works (the loop computes inline at most 50 ms per
+    # turn, see server/scheduler.py), so probing early costs a few small messages.
     # A dead or frozen hop fails its probe within the client's QUIC dead-peer timeout (0.25 s, see
     # runtime.py); probe_timeout_s only bounds the wait on a live process whose event loop is stuck.
     step_timeout_s: float = 0.2
