@@ -259,29 +259,30 @@ class RemoteSession:
         chain = [[h.peer_id, h.entry.addresses[0], h.token] for h in rest]
         chunk = self.options.prefill_chunk
         pieces = hidden.split(chunk) if chunk > 0 else (hidden,)
-        step_ids, results = [], []
-        for index, piece in enumerate(pieces):
-            step_id, result = self.runtime.new_step()
-            step_ids.append(step_id)
-            results.append(result)
-            metadata = {
-                "client": self.runtime.identity.peer_id,
-                "session_id": self.session_id,
-                "token": first.token,
-                "position": position + index * chunk,
-                "last_only": True,
-                "partial": index < len(pieces) - 1,
-                "chain": chain,
-            }
-            frame = encode_message(MessageKind.STEP, step_id, metadata, [piece])
-            assert self.runtime.endpoint is not None
-            # A failed send fails the step; one that flow control holds up forever ends in a failover
-            # like a result that never comes (the wait below probes the hops).
-            sending = self.runtime.endpoint.send_soon(first.peer_id, first.address, frame)
-            sending.add_done_callback(functools.partial(_fail_with, results[-1]))
-        for partial in results[:-1]:  # partial steps never succeed; their errors fail the step
-            partial.add_done_callback(functools.partial(_fail_with, results[-1]))
+        step_ids: list[int] = []
+        results: list[asyncio.Future[Any]] = []
+        assert self.runtime.endpoint is not None
         try:
+            for index, piece in enumerate(pieces):
+                step_id, result = self.runtime.new_step()
+                step_ids.append(step_id)
+                results.append(result)
+                metadata = {
+                    "client": self.runtime.identity.peer_id,
+                    "session_id": self.session_id,
+                    "token": first.token,
+                    "position": position + index * chunk,
+                    "last_only": True,
+                    "partial": index < len(pieces) - 1,
+                    "chain": chain,
+                }
+                frame = encode_message(MessageKind.STEP, step_id, metadata, [piece])
+                # A failed send fails the step; one that flow control holds up forever ends in a
+                # failover like a result that never comes (the wait below probes the hops).
+                sending = self.runtime.endpoint.send_soon(first.peer_id, first.address, frame)
+                sending.add_done_callback(functools.partial(_fail_with, results[-1]))
+            for partial in results[:-1]:  # partial steps never succeed; their errors fail the step
+                partial.add_done_callback(functools.partial(_fail_with, results[-1]))
             message = await self._await_result(results[-1])
         finally:
             for step_id in step_ids:
