@@ -257,4 +257,7 @@ def _mesh_generation(
 
 async def _gather(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
     """Runs the coroutines concurrently (on the runtime's loop); their results in order."""
-    return list(await asyncio.gather(*coroutines))
+    pending = list(coroutines)
+    if len(pending) == 1:  # one session (generate): no task per step
+        return [await pending[0]]
+    return list(await asyncio.gather(*pending))
