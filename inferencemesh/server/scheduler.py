@@ -84,8 +84,9 @@ class ComputeScheduler:
         decode_row_s: float,
         prefill_token_s: float,
     ) -> None:
-        """``decode_row_s`` and ``prefill_token_s`` seed the cost estimates that decide what runs inline
-        (e.g. from :func:`measure_throughput`); measured times refine them as work runs."""
+        """Binds to the running event loop (create it there). ``decode_row_s`` and ``prefill_token_s``
+        seed the cost estimates that decide what runs inline (e.g. from :func:`measure_throughput`);
+        measured times refine them as work runs."""
         self.span = span
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
