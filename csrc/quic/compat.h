@@ -38,6 +38,11 @@ inline constexpr bool kRemoteUniStreamsClose = NGTCP2_VERSION_NUM >= 0x000e00;
 
 namespace im::quic::compat {
 
+// What the connection statistics read from either version's info/stat struct.
+struct RttInfo {
+  uint64_t smoothed_rtt, min_rtt, cwnd, bytes_in_flight;
+};
+
 #if IM_NGTCP2_V1
 using CloseError = ngtcp2_ccerr;
 inline void close_error_default(CloseError* e) { ngtcp2_ccerr_default(e); }
@@ -61,9 +66,6 @@ inline int drop_imminent_pacing_slot(ngtcp2_conn*, uint64_t) { return 0; }
 inline bool closing_or_draining(ngtcp2_conn* conn) {
   return ngtcp2_conn_in_closing_period(conn) || ngtcp2_conn_in_draining_period(conn);
 }
-struct RttInfo {
-  uint64_t smoothed_rtt, min_rtt, cwnd, bytes_in_flight;
-};
 inline RttInfo rtt_info(ngtcp2_conn* conn) {
   ngtcp2_conn_info info;
   ngtcp2_conn_get_conn_info(conn, &info);
@@ -103,9 +105,6 @@ inline int drop_imminent_pacing_slot(ngtcp2_conn* conn, uint64_t now) { return n
 inline bool closing_or_draining(ngtcp2_conn* conn) {
   return ngtcp2_conn_is_in_closing_period(conn) || ngtcp2_conn_is_in_draining_period(conn);
 }
-struct RttInfo {
-  uint64_t smoothed_rtt, min_rtt, cwnd, bytes_in_flight;
-};
 inline RttInfo rtt_info(ngtcp2_conn* conn) {
   ngtcp2_conn_stat stat;
   ngtcp2_conn_get_conn_stat(conn, &stat);

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 
+from inferencemesh.cli.logs import setup_logging
 from inferencemesh.p2p.address import PeerAddress, parse_peer_address
 from inferencemesh.p2p.errors import AddressError, IdentityError
 from inferencemesh.p2p.identity import Identity
@@ -46,11 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="how often to print the number of known nodes (default: 60)",
     )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     try:
         identity = Identity.load_or_create(args.identity) if args.identity else Identity.generate()
         peers = [parse_peer_address(text) for text in args.peers]

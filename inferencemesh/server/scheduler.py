@@ -103,6 +103,7 @@ class ComputeScheduler:
         self._flush_scheduled = False
         self._gather_timer: asyncio.TimerHandle | None = None
         self._recent: dict[int, float] = {}
+        self._pruned_at = 0.0
         self._decode_batch_s = decode_row_s
         self._inline_spent = 0.0  # inline compute time in this loop turn
         self._inline_started = 0.0
@@ -201,8 +202,10 @@ class ComputeScheduler:
     def _others_active(self, key: int) -> bool:
         """Whether a session other than ``key`` submitted work in the last ACTIVE_S."""
         now = time.perf_counter()
-        self._recent = {other: at for other, at in self._recent.items() if now - at < ACTIVE_S}
-        return any(other != key for other in self._recent)
+        if now - self._pruned_at > ACTIVE_S:  # forget sessions gone quiet, once per ACTIVE_S
+            self._recent = {other: at for other, at in self._recent.items() if now - at < ACTIVE_S}
+            self._pruned_at = now
+        return any(other != key and now - at < ACTIVE_S for other, at in self._recent.items())
 
     def _gather_wait(self) -> float:
         """How much longer the decodes that arrived should wait for more to join them (0: run now)."""

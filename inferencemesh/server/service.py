@@ -406,6 +406,7 @@ class WorkerService:
         return chain
 
 
+@functools.lru_cache(maxsize=4096)  # every step names its next hops; parse each address once
 def _address(text: str) -> tuple[str, int]:
     try:
         return parse_host_port(text)

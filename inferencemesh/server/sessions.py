@@ -73,8 +73,10 @@ class ServerSession:
         steps that cannot run were overtaken: the client has started over from an earlier position
         (a replay after a failover), so they are dropped.
         """
-        if self.running:
+        if self.running or not self.pending:
             return None
+        if self.pending[0].position <= self.cache.length:  # the oldest can run: the usual case
+            return heapq.heappop(self.pending)
         runnable = [step for step in self.pending if step.position <= self.cache.length]
         if not runnable:
             return None

@@ -75,22 +75,16 @@ def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str
     )
 
 
+def run_client(swarm: LocalSwarm, smollm2_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`python -m inferencemesh client` with the chat prompt against ``swarm``."""
+    common = ["--bootstrap", swarm.bootstrap, "--model-path", str(smollm2_dir), "--prompt", PROMPTS[0]]
+    return run_cli("client", *common, "--chat", *extra)
+
+
 def test_client_command_prints_the_json_report(
     swarm: LocalSwarm, smollm2_dir: Path, reference_tokens: dict[str, list[int]]
 ) -> None:
-    done = run_cli(
-        "client",
-        "--bootstrap",
-        swarm.bootstrap,
-        "--model-path",
-        str(smollm2_dir),
-        "--prompt",
-        PROMPTS[0],
-        "--chat",
-        "--max-new-tokens",
-        str(MAX_NEW_TOKENS),
-        "--json",
-    )
+    done = run_client(swarm, smollm2_dir, "--max-new-tokens", str(MAX_NEW_TOKENS), "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["token_ids"] == reference_tokens[PROMPTS[0]]
@@ -103,16 +97,7 @@ def test_client_command_prints_the_json_report(
 
 
 def test_client_command_streams_text(swarm: LocalSwarm, smollm2_dir: Path) -> None:
-    done = run_cli(
-        "client",
-        "--bootstrap",
-        swarm.bootstrap,
-        "--model-path",
-        str(smollm2_dir),
-        "--prompt",
-        PROMPTS[0],
-        "--chat",
-    )
+    done = run_client(swarm, smollm2_dir)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "The capital of France is Paris."
     assert "tok/s" in done.stderr
