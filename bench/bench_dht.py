@@ -58,8 +58,17 @@ async def _measure_ours(bootstrap: str, rounds: int) -> dict:
     await client.close()
 
     worker = await DHTNode.start(bootstrap=[bootstrap], config=config)
-    announcer = Announcer(worker, worker.identity, model_id=MODEL, total_blocks=BLOCKS, span_start=0,
-                          span_end=BLOCKS, addresses=["127.0.0.1:1"], dtype="float32", ttl=60)
+    announcer = Announcer(
+        worker,
+        worker.identity,
+        model_id=MODEL,
+        total_blocks=BLOCKS,
+        span_start=0,
+        span_end=BLOCKS,
+        addresses=["127.0.0.1:1"],
+        dtype="float32",
+        ttl=60,
+    )
     announces = []
     for _ in range(5):
         sent_before = worker.protocol.requests_sent
@@ -157,17 +166,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
     for nodes in args.nodes:
-        print(f"== {nodes} DHT nodes ({WORKERS} workers, {BLOCKS}-block model), {args.rounds} rounds",
-              flush=True)
+        print(
+            f"== {nodes} DHT nodes ({WORKERS} workers, {BLOCKS}-block model), {args.rounds} rounds",
+            flush=True,
+        )
         ours = run_ours(nodes, args.rounds)
-        print(f"inferencemesh resolve of {BLOCKS} blocks: cold {1000 * ours['cold_s']:.2f} ms; "
-              f"warm {_ms(ours['warm'])}; {ours['rpcs_per_resolve']} RPCs per resolve")
+        print(
+            f"inferencemesh resolve of {BLOCKS} blocks: cold {1000 * ours['cold_s']:.2f} ms; "
+            f"warm {_ms(ours['warm'])}; {ours['rpcs_per_resolve']} RPCs per resolve"
+        )
         for seconds, rpcs, accepted in ours["announces"]:
-            print(f"inferencemesh announce of a 30-block span (32 keys): {1000 * seconds:7.2f} ms, "
-                  f"{rpcs} RPCs, every key stored on >= {accepted} nodes")
+            print(
+                f"inferencemesh announce of a 30-block span (32 keys): {1000 * seconds:7.2f} ms, "
+                f"{rpcs} RPCs, every key stored on >= {accepted} nodes"
+            )
         stock = asyncio.run(_stock_swarm_lookup(nodes, args.rounds))
-        print(f"stock kademlia get of {BLOCKS} keys: warm {_ms(stock['warm'])} "
-              f"({stock['found']}/{BLOCKS} found)")
+        print(
+            f"stock kademlia get of {BLOCKS} keys: warm {_ms(stock['warm'])} "
+            f"({stock['found']}/{BLOCKS} found)"
+        )
         ratio = statistics.median(ours["warm"]) / statistics.median(stock["warm"])
         print(f"ratio inferencemesh/stock (median): {ratio:.2f}", flush=True)
 

@@ -6,6 +6,10 @@ measured: two transfers, the worker's receive, validation, queueing and send, th
 receive. "cold" streams a buffer larger than the L3 cache between steps, as a span's forward does to
 everything that runs after it in a swarm (a worker's 10 blocks stream 141 MB per token).
 
+Two parts of that cost on their own: encoding and decoding a STEP frame, warm and cold; and a
+process waking another (a pipe round trip between two processes, on one CPU and across two, back to
+back and after both slept 5 ms).
+
     python bench/bench_hop.py [--steps 200] [--evict-mb 128]
 """
 
@@ -88,6 +92,52 @@ async def measure(span: Span, steps: int, evict: torch.Tensor | None) -> tuple[f
     return statistics.median(round_trips), statistics.median(forwards)
 
 
+def codec_us(evict: torch.Tensor | None, samples: int = 200) -> float:
+    """Median µs to encode a STEP frame (a worker forwarding), flatten it and decode it."""
+    hidden = torch.zeros(1, 576)
+    chain = [[os.urandom(32), "127.0.0.1:40001", os.urandom(16)] for _ in range(2)]
+    metadata = {"client": os.urandom(32), "session_id": os.urandom(16), "token": os.urandom(16)}
+    times = []
+    for position in range(samples):
+        if evict is not None:
+            evict.add_(1.0)
+        started = time.perf_counter()
+        forwarded = dict(metadata, position=position, last_only=True, chain=chain[1:])
+        decode_message(encode_message(MessageKind.STEP, position, forwarded, [hidden]).to_bytes())
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e6
+
+
+def pipe_round_trips_us(cpus: tuple[int, int] | None, rounds: int = 200) -> tuple[float, float]:
+    """Median µs of a one-byte pipe round trip between two processes: (back to back, after 5 ms asleep)."""
+    to_child, from_parent = os.pipe()
+    to_parent, from_child = os.pipe()
+    child = os.fork()
+    if child == 0:
+        if cpus is not None:
+            os.sched_setaffinity(0, {cpus[1]})
+        for _ in range(rounds):
+            os.read(to_child, 1)
+            os.write(from_child, b"x")
+        os._exit(0)
+    if cpus is not None:
+        os.sched_setaffinity(0, {cpus[0]})
+    busy, idle = [], []
+    for index in range(rounds):
+        if index % 2:
+            time.sleep(0.005)
+        started = time.perf_counter()
+        os.write(from_parent, b"x")
+        os.read(to_parent, 1)
+        (idle if index % 2 else busy).append(time.perf_counter() - started)
+    os.waitpid(child, 0)
+    for fd in (to_child, from_parent, to_parent, from_child):
+        os.close(fd)
+    if cpus is not None:
+        os.sched_setaffinity(0, os.sched_getaffinity(0) | set(cpus))
+    return statistics.median(busy) * 1e6, statistics.median(idle) * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -104,6 +154,19 @@ def main() -> None:
         print(
             f"{label}: round trip {round_trip * 1e6:7.1f} us, forward {forward * 1e6:6.1f} us, "
             f"overhead {(round_trip - forward) * 1e6:6.1f} us (two transfers)"
+        )
+    print(
+        f"STEP frame encode + to_bytes + decode: warm {codec_us(None):.1f} us, cold {codec_us(evict):.1f} us"
+    )
+    cpus = sorted(os.sched_getaffinity(0))
+    layouts = [("one CPU", (cpus[0], cpus[0]))] + (
+        [("two CPUs", (cpus[0], cpus[1]))] if len(cpus) > 1 else []
+    )
+    for label, pinned in layouts:
+        busy, idle = pipe_round_trips_us(pinned)
+        print(
+            f"pipe round trip between processes on {label}: back to back {busy:.0f} us, "
+            f"after 5 ms asleep {idle:.0f} us"
         )
 
 

@@ -245,7 +245,8 @@ def test_steps_that_arrive_out_of_order_run_in_the_order_the_client_sent_them(
     later, earlier = send_steps(
         runtime, first_worker, session_id, token, [(1, 4, hidden[4:]), (0, 0, hidden[:4])]
     )
-    torch.testing.assert_close(torch.cat([earlier, later]), one_shot, rtol=1e-5, atol=1e-4)
+    # Split or whole, the same rows: equal up to float32 rounding of differently blocked matmuls.
+    torch.testing.assert_close(torch.cat([earlier, later]), one_shot, rtol=1e-4, atol=1e-4)
 
 
 def test_a_step_overtaken_by_a_replay_from_position_zero_is_dropped(
@@ -270,4 +271,4 @@ def test_a_step_overtaken_by_a_replay_from_position_zero_is_dropped(
     out = step(runtime, first_worker, session_id, token, 3, hidden[3:])
     fresh_id, fresh_token = open_session(runtime, first_worker, client.model_id)
     expected = step(runtime, first_worker, fresh_id, fresh_token, 0, hidden)
-    torch.testing.assert_close(torch.cat([replay, out]), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.cat([replay, out]), expected, rtol=1e-4, atol=1e-4)

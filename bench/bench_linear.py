@@ -1,0 +1,93 @@
+"""float32 matmuls of a few rows, three ways: torch's linear on a column-major weight (what
+linear.Projection does), on a row-major weight, and ``(W @ x.T).T`` on a row-major weight (odd row
+counts padded to even), which packs only the input rows and streams the weight once.
+
+Streams 20 weights of SmolLM2's projection shapes (~64 MB, more than the L3) once per sample, one
+thread, so each matmul reads its weight from memory as in decode. Then the decode time of 10 SmolLM2
+blocks at each batch size, as the engine runs it.
+
+    python bench/bench_linear.py [--rows 1 2 3 4 6 8 16] [--samples 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from inferencemesh.compute.linear import Projection
+from inferencemesh.compute.prepare import prepare_model
+from inferencemesh.compute.span import Span
+
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o, gate+up, down
+
+
+def median_ms(run: Callable[[], object], samples: int) -> float:
+    times = []
+    for _ in range(samples + 1):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:]) * 1e3
+
+
+def row_major_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    rows = x.shape[0]
+    padded = torch.cat([x, x[-1:]]) if rows % 2 else x  # MKL runs one row as a slow GEMV
+    return torch.mm(weight, padded.t()).t()[:rows].contiguous()
+
+
+def kernels(rows_list: list[int], samples: int) -> None:
+    weights = [torch.randn(*SHAPES[i % len(SHAPES)]) for i in range(20)]
+    projections = [Projection(w) for w in weights]  # column-major float32
+    print("20 weights (~64 MB) streamed per sample, ms:")
+    print(
+        f"  {'rows':>4s} {'linear, column-major':>21s} {'linear, row-major':>18s} "
+        f"{'(W @ x.T).T, row-major':>23s}"
+    )
+    for rows in rows_list:
+        x = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}  # by in_features
+        col = median_ms(lambda x=x: [p(x[p.in_features]) for p in projections], samples)
+        row = median_ms(lambda x=x: [F.linear(x[w.shape[1]], w) for w in weights], samples)
+        product = median_ms(lambda x=x: [row_major_product(x[w.shape[1]], w) for w in weights], samples)
+        print(f"  {rows:4d} {col:21.2f} {row:18.2f} {product:23.2f}")
+
+
+def decode_batches(rows_list: list[int], samples: int) -> None:
+    span = Span.load(prepare_model("smollm2"), 0, 10, progress=False)
+    manager = span.cache_manager(1 << 30)
+    caches = [manager.allocate(i, 256) for i in range(max(rows_list))]
+    for i, cache in enumerate(caches):
+        span.prefill(torch.randn(40 + i, span.config.hidden_size), cache)
+    print("decode of 10 SmolLM2 blocks (Projection), ms per batch:")
+    for rows in rows_list:
+        batch = caches[:rows]
+        hidden = torch.randn(rows, span.config.hidden_size)
+
+        def step(batch: list = batch, hidden: torch.Tensor = hidden) -> None:
+            span.decode(hidden, batch)
+            for cache in batch:
+                cache.truncate(cache.length - 1)
+
+        ms = median_ms(step, samples)
+        print(f"  batch {rows:2d}: {ms:6.2f} ms, {rows / ms * 1e3:6.0f} tok/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 16])
+    parser.add_argument("--samples", type=int, default=9)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    kernels(args.rows, args.samples)
+    decode_batches(args.rows, args.samples)
+
+
+if __name__ == "__main__":
+    main()
