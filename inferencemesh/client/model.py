@@ -11,29 +11,26 @@ The client holds only the embeddings, the final norm and the LM head; the blocks
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from inferencemesh.client.batched_head import BatchedHead
 from inferencemesh.client.route import BanList
-from inferencemesh.client.runtime import MeshRuntime
-from inferencemesh.client.session import RemoteSession, SessionOptions
+from inferencemesh.client.runtime import MeshRuntime, gather
+from inferencemesh.client.session import RemoteSession, SessionOptions, finish_steps
 from inferencemesh.compute.config import ModelConfig
 from inferencemesh.compute.generation import GenerationResult, TokenLoop
 from inferencemesh.compute.head import ClientHead
 from inferencemesh.compute.identity import model_id as compute_model_id
 from inferencemesh.compute.sampling import SamplingParams
 from inferencemesh.compute.tokenizer import Tokenizer
-
-T = TypeVar("T")
 
 
 class InferenceSession:
@@ -48,7 +45,7 @@ class InferenceSession:
     def step(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Feeds ``token_ids`` (the prompt, then one token at a time); returns float32 logits [vocab]."""
         hidden = self._model.head.embed(list(token_ids)).to(torch.float32)
-        output = self._model.runtime.call(self._remote.step(hidden))
+        (output,) = finish_steps(self._model.runtime, [(self._remote, self._remote.begin_step(hidden))])
         self.token_ids.extend(token_ids)
         return self._model.lm_head.logits(output)[-1]
 
@@ -194,13 +191,14 @@ class DistributedModelForCausalLM:
         ]
         timings: list[list[float]] = [[] for _ in prompts]
         try:
-            self.runtime.call(_gather(remote.open() for remote in remotes))
+            self.runtime.call(gather(remote.open() for remote in remotes))
             started = time.perf_counter()
             inputs: dict[int, list[int]] = dict(enumerate(prompt_ids))  # unfinished sequences' next input
             while inputs:
                 hidden = [self.head.embed(ids).to(torch.float32) for ids in inputs.values()]
-                steps = (remotes[index].step(h) for index, h in zip(inputs, hidden, strict=True))
-                outputs = self.runtime.call(_gather(steps))
+                stepping = [remotes[index] for index in inputs]
+                begun = [remote.begin_step(h) for remote, h in zip(stepping, hidden, strict=True)]
+                outputs = finish_steps(self.runtime, list(zip(stepping, begun, strict=True)))
                 logits = self.lm_head.logits(torch.cat([output[-1:] for output in outputs]))
                 now = time.perf_counter()
                 for row, index in enumerate(list(inputs)):
@@ -215,7 +213,7 @@ class DistributedModelForCausalLM:
                 for loop, ids, times, remote in zip(loops, prompt_ids, timings, remotes, strict=True)
             ]
         finally:
-            self.runtime.call(_gather(remote.close() for remote in remotes))
+            self.runtime.call(gather(remote.close() for remote in remotes))
 
     def _remote_session(self, max_length: int) -> RemoteSession:
         return RemoteSession(
@@ -253,11 +251,3 @@ def _mesh_generation(
         route=[hop.describe() for hop in remote.hops],
         failovers=len(remote.failovers),
     )
-
-
-async def _gather(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
-    """Runs the coroutines concurrently (on the runtime's loop); their results in order."""
-    pending = list(coroutines)
-    if len(pending) == 1:  # one session (generate): no task per step
-        return [await pending[0]]
-    return list(await asyncio.gather(*pending))

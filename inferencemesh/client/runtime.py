@@ -3,17 +3,20 @@
 The Python API is synchronous (like transformers); all networking runs as coroutines on one asyncio
 loop owned by a background thread, and :meth:`MeshRuntime.call` runs a coroutine there and waits for
 its result. Step results and error reports arrive as one-way messages from the workers; the runtime
-hands each to the future of the step it names.
+hands each to the future of the step it names. Step futures are ``concurrent.futures`` ones: the
+thread that sent a step waits on its future directly, so a step's round trip needs no coroutine and
+no hand-off to or from the loop's thread (see RemoteSession.begin_step).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 from inferencemesh.p2p.identity import Identity, short_id
@@ -52,8 +55,9 @@ class MeshRuntime:
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="inferencemesh-client", daemon=True
         )
-        self._steps: dict[int, asyncio.Future[Message]] = {}
-        self._next_step = int(time.time_ns() & 0xFFFF_FFFF) << 20  # distinct across client restarts
+        self._steps: dict[int, concurrent.futures.Future[Message]] = {}
+        # Ids distinct across client restarts; next() on a count is atomic, so any thread may take one.
+        self._step_ids = itertools.count((int(time.time_ns() & 0xFFFF_FFFF) << 20) + 1)
         self.endpoint: Endpoint | None = None
         self.dht: DHTNode | None = None
         self._thread.start()
@@ -83,12 +87,12 @@ class MeshRuntime:
             raise
 
     # ---------------------------------------------------------------- steps
-    def new_step(self) -> tuple[int, asyncio.Future[Message]]:
-        """A step id and the future that the step's STEP_RESULT or ERROR will resolve (loop thread)."""
-        self._next_step += 1
-        future = self._loop.create_future()
-        self._steps[self._next_step] = future
-        return self._next_step, future
+    def new_step(self) -> tuple[int, concurrent.futures.Future[Message]]:
+        """A step id and the future that the step's STEP_RESULT or ERROR will resolve (any thread)."""
+        step_id = next(self._step_ids)
+        future: concurrent.futures.Future[Message] = concurrent.futures.Future()
+        self._steps[step_id] = future
+        return step_id, future
 
     def forget_step(self, step_id: int) -> None:
         self._steps.pop(step_id, None)
@@ -105,10 +109,13 @@ class MeshRuntime:
         future = self._steps.pop(message.request_id, None)
         if future is None or future.done():
             return  # a step we gave up on (timeout, failover)
-        if message.kind == MessageKind.ERROR:
-            future.set_exception(error_from_message(message, peer_id))
-        else:
-            future.set_result(message)
+        try:
+            if message.kind == MessageKind.ERROR:
+                future.set_exception(error_from_message(message, peer_id))
+            else:
+                future.set_result(message)
+        except concurrent.futures.InvalidStateError:
+            pass  # its send failed meanwhile (reported on another thread)
 
     # ---------------------------------------------------------------- requests
     async def request(
@@ -130,7 +137,7 @@ class MeshRuntime:
 
     def close(self) -> None:
         async def shutdown() -> None:
-            for future in self._steps.values():
+            for future in list(self._steps.values()):
                 if not future.done():
                     future.set_exception(WorkerError("client closed"))
             if self.dht is not None:
@@ -146,3 +153,11 @@ class MeshRuntime:
                 self._thread.join(10)
         if not self._loop.is_running():
             self._loop.close()
+
+
+async def gather(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Runs the coroutines concurrently (on the runtime's loop); their results in order."""
+    pending = list(coroutines)
+    if len(pending) == 1:  # no task for a lone coroutine
+        return [await pending[0]]
+    return list(await asyncio.gather(*pending))

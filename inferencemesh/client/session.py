@@ -2,6 +2,8 @@
 
 The client opens a session on every hop of the route (each with its own secret token), then sends
 each step to the first hop with the rest of the chain attached; the last hop delivers the result back.
+A step is sent and waited for on the caller's thread (begin_step, finish_steps); only a step that is
+slow or fails continues on the runtime's loop, where the hops are probed and failover runs.
 The client keeps the step inputs (token embeddings) it sent. When a hop dies, hangs or fails, the
 session bans it, plans a new route, opens sessions on the replacements and replays the whole input
 history as one prefill from position 0 (every hop rewinds its cache), so generation continues with
@@ -11,10 +13,12 @@ exactly the output an uninterrupted run would give.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +33,7 @@ from inferencemesh.client.route import (
     plan_over,
     probe,
 )
-from inferencemesh.client.runtime import MeshRuntime
+from inferencemesh.client.runtime import MeshRuntime, gather
 from inferencemesh.compute.span import format_block_range
 from inferencemesh.p2p.errors import NoRouteError
 from inferencemesh.p2p.identity import short_id
@@ -101,6 +105,16 @@ class OpenHop:
             "layers": format_block_range(self.entry.span_start, self.entry.span_end),
             "address": self.entry.addresses[0],
         }
+
+
+@dataclass
+class PendingStep:
+    """A step on its way down the chain (RemoteSession.begin_step)."""
+
+    hidden: torch.Tensor
+    step_ids: list[int]
+    result: concurrent.futures.Future[Any]  # the last chunk's STEP_RESULT, or the first error
+    started: float  # time.perf_counter() when its first frame was sent
 
 
 @dataclass
@@ -231,24 +245,18 @@ class RemoteSession:
         await asyncio.gather(*(close_one(hop) for hop in hops))
 
     # ------------------------------------------------------------------ steps
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Runs ``hidden`` [tokens, hidden_size] through the chain; returns the last position's output."""
+    def begin_step(self, hidden: torch.Tensor) -> PendingStep:
+        """Sends ``hidden`` [tokens, hidden_size] down the chain now, from the calling thread; wait for
+        its output with :func:`finish_steps`."""
         if self.position + hidden.shape[0] > self.max_length:
             raise LengthExceeded(
                 f"{hidden.shape[0]} more tokens at position {self.position} "
                 f"exceed max_length {self.max_length}"
             )
-        sent = time.perf_counter()
-        try:
-            output = await self._send_step(hidden, self.position)
-        except (WorkerError, TransportError, TimeoutError) as exc:
-            output = await self._recover(exc, hidden, detection_s=time.perf_counter() - sent)
-        self._inputs.append(hidden)
-        self.position += hidden.shape[0]
-        return output
+        return self._launch(hidden, self.position)
 
-    async def _send_step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        """Sends ``hidden`` down the chain and returns the last position's output.
+    def _launch(self, hidden: torch.Tensor, position: int) -> PendingStep:
+        """Hands the step's frames to QUIC (any thread); a failed send fails the step's result.
 
         A long input goes as several steps of at most ``prefill_chunk`` tokens, sent back to back: while
         the second hop computes the first chunk, the first hop computes the second (pipeline
@@ -260,44 +268,77 @@ class RemoteSession:
         chunk = self.options.prefill_chunk
         pieces = hidden.split(chunk) if chunk > 0 else (hidden,)
         step_ids: list[int] = []
-        results: list[asyncio.Future[Any]] = []
+        results: list[concurrent.futures.Future[Any]] = []
         assert self.runtime.endpoint is not None
-        try:
-            for index, piece in enumerate(pieces):
-                step_id, result = self.runtime.new_step()
-                step_ids.append(step_id)
-                results.append(result)
-                metadata = {
-                    "client": self.runtime.identity.peer_id,
-                    "session_id": self.session_id,
-                    "token": first.token,
-                    "position": position + index * chunk,
-                    "last_only": True,
-                    "partial": index < len(pieces) - 1,
-                    "chain": chain,
-                }
-                frame = encode_message(MessageKind.STEP, step_id, metadata, [piece])
-                # A failed send fails the step; one that flow control holds up forever ends in a
-                # failover like a result that never comes (the wait below probes the hops).
+        for index, piece in enumerate(pieces):
+            step_id, result = self.runtime.new_step()
+            step_ids.append(step_id)
+            results.append(result)
+            metadata = {
+                "client": self.runtime.identity.peer_id,
+                "session_id": self.session_id,
+                "token": first.token,
+                "position": position + index * chunk,
+                "last_only": True,
+                "partial": index < len(pieces) - 1,
+                "chain": chain,
+            }
+            frame = encode_message(MessageKind.STEP, step_id, metadata, [piece])
+            # A failed send fails the step; one that flow control holds up forever ends in a failover
+            # like a result that never comes (the wait probes the hops).
+            try:
                 sending = self.runtime.endpoint.send_soon(first.peer_id, first.address, frame)
-                sending.add_done_callback(functools.partial(_fail_with, results[-1]))
-            for partial in results[:-1]:  # partial steps never succeed; their errors fail the step
-                partial.add_done_callback(functools.partial(_fail_with, results[-1]))
-            message = await self._await_result(results[-1])
-        finally:
-            for step_id in step_ids:
-                self.runtime.forget_step(step_id)
-        self.last_chain_s = time.perf_counter() - started
+            except TransportError as exc:
+                sending = concurrent.futures.Future()
+                sending.set_exception(exc)
+            sending.add_done_callback(functools.partial(_fail_with, results[-1]))
+        for partial in results[:-1]:  # partial steps never succeed; their errors fail the step
+            partial.add_done_callback(functools.partial(_fail_with, results[-1]))
+        return PendingStep(hidden, step_ids, results[-1], started)
+
+    def _output(self, pending: PendingStep, message: Any) -> torch.Tensor:
+        self.last_chain_s = time.perf_counter() - pending.started
         return message.tensors[0]
 
-    async def _await_result(self, result: asyncio.Future[Any]) -> Any:
-        started = time.monotonic()
+    def _advance(self, pending: PendingStep, output: torch.Tensor) -> torch.Tensor:
+        """Books a finished step (its output came, directly or after a failover)."""
+        self._forget(pending)
+        self._inputs.append(pending.hidden)
+        self.position += pending.hidden.shape[0]
+        return output
+
+    def _forget(self, pending: PendingStep) -> None:
+        for step_id in pending.step_ids:
+            self.runtime.forget_step(step_id)
+
+    async def _complete(self, pending: PendingStep) -> torch.Tensor:
+        """A step without a result in step_timeout_s, or a failed one: waits on with probes, fails over."""
+        try:
+            message = await self._await_result(pending.result, pending.started)
+            output = self._output(pending, message)
+        except (WorkerError, TransportError, TimeoutError) as exc:
+            self._forget(pending)
+            detection_s = time.perf_counter() - pending.started
+            output = await self._recover(exc, pending.hidden, detection_s=detection_s)
+        return self._advance(pending, output)
+
+    async def _send_step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """Sends ``hidden`` down the chain and returns the last position's output (a replay)."""
+        pending = self._launch(hidden, position)
+        try:
+            return self._output(pending, await self._await_result(pending.result, pending.started))
+        finally:
+            self._forget(pending)
+
+    async def _await_result(self, result: concurrent.futures.Future[Any], started: float) -> Any:
+        """The step's result message; probes the hops every step_timeout_s while it waits."""
+        waiting = asyncio.wrap_future(result)
         missed: dict[bytes, int] = {}
         while True:
-            await asyncio.wait((result,), timeout=self.options.step_timeout_s)
+            await asyncio.wait((waiting,), timeout=self.options.step_timeout_s)
             if result.done():
                 return result.result()
-            waited = time.monotonic() - started
+            waited = time.perf_counter() - started
             silent = await self._silent_hops(missed)
             if result.done():
                 return result.result()  # it came (or failed) while the hops were being probed
@@ -383,10 +424,40 @@ class RemoteSession:
         return culprits
 
 
-def _fail_with(result: asyncio.Future[Any], other: asyncio.Future[Any]) -> None:
+def finish_steps(
+    runtime: MeshRuntime, steps: Sequence[tuple[RemoteSession, PendingStep]]
+) -> list[torch.Tensor]:
+    """The outputs of steps begun with RemoteSession.begin_step, waited for on the calling thread.
+
+    Steps whose result is not there within step_timeout_s, or that failed, go on together on the
+    runtime's loop (probes, failover), so a dead hop shared by several sessions is handled for all
+    of them at once."""
+    if not steps:
+        return []
+    concurrent.futures.wait([pending.result for _, pending in steps], steps[0][0].options.step_timeout_s)
+    outputs: list[torch.Tensor | None] = []
+    slow: list[int] = []
+    for index, (session, pending) in enumerate(steps):
+        if pending.result.done() and pending.result.exception() is None:
+            outputs.append(session._advance(pending, session._output(pending, pending.result.result())))
+        else:
+            outputs.append(None)
+            slow.append(index)
+    if slow:
+        completed = runtime.call(gather(steps[i][0]._complete(steps[i][1]) for i in slow))
+        for index, output in zip(slow, completed, strict=True):
+            outputs[index] = output
+    return outputs  # type: ignore[return-value]
+
+
+def _fail_with(result: concurrent.futures.Future[Any], other: concurrent.futures.Future[Any]) -> None:
     """Fails ``result`` with the error of the ``other`` operation, if it failed."""
-    if not other.cancelled() and other.exception() is not None and not result.done():
-        result.set_exception(other.exception())  # type: ignore[arg-type]
+    if other.cancelled() or other.exception() is None or result.done():
+        return
+    try:
+        result.set_exception(other.exception())
+    except concurrent.futures.InvalidStateError:
+        pass  # the result came meanwhile on another thread
 
 
 def _layer_ranges(blocks: list[int]) -> str:

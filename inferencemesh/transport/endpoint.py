@@ -2,12 +2,14 @@
 
 The endpoint's I/O thread lives in C++; it reports completions through an eventfd that this module
 registers with ``loop.add_reader``, so nothing polls. Requests resolve futures; incoming frames are
-handed to the handler set with ``set_handler``.
+handed to the handler set with ``set_handler``. Everything runs on the loop's thread except
+:meth:`Endpoint.send_soon`, which any thread may call (the native endpoint is thread-safe).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import ipaddress
 import itertools
@@ -42,7 +44,9 @@ class Endpoint:
         self._loop = loop
         self._config = config
         self._tokens = itertools.count(1)
-        self._pending: dict[int, tuple[asyncio.Future[Any], bytes]] = {}  # token -> (future, peer id)
+        # token -> (future, peer id); send_soon's futures are concurrent.futures ones (any thread may
+        # wait on them); the loop thread resolves both kinds.
+        self._pending: dict[int, tuple[asyncio.Future[Any] | concurrent.futures.Future[Any], bytes]] = {}
         self._numeric: dict[Address, tuple[str, int]] = {}
         self._handler: Handler | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -94,14 +98,19 @@ class Endpoint:
         slow receiver slows the sender down; the frame stays referenced until the peer acknowledged it."""
         await self._submit(False, peer_id, address, frame, None)
 
-    def send_soon(self, peer_id: bytes, address: Address | None, frame: Frame) -> asyncio.Future[None]:
-        """Sends a one-way frame now, without waiting: the frame is handed to QUIC before this returns
-        (when the address is numeric or known). The future tells when QUIC has taken every byte, or
-        why it could not; the caller must look at its outcome (e.g. in a done callback)."""
+    def send_soon(
+        self, peer_id: bytes, address: Address | None, frame: Frame
+    ) -> concurrent.futures.Future[None]:
+        """Sends a one-way frame now, without waiting, from any thread: the frame is handed to QUIC
+        before this returns (when the address is numeric or known). The future tells when QUIC has
+        taken every byte, or why it could not; the caller must look at its outcome (e.g. in a done
+        callback, which runs on the loop's thread). Raises EndpointClosed when closed."""
         if address is not None and address not in self._numeric and not _is_numeric(address[0]):
-            return asyncio.ensure_future(self.send(peer_id, address, frame))
+            return asyncio.run_coroutine_threadsafe(self.send(peer_id, address, frame), self._loop)
         host, port = (None, 0) if address is None else self._numeric_address(address)
-        return self._start(False, peer_id, host, port, frame, None)[1]
+        sent: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._start(False, peer_id, host, port, frame, None, sent)
+        return sent
 
     async def _submit(
         self, is_request: bool, peer_id: bytes, address: Address | None, frame: Frame, timeout: float | None
@@ -110,7 +119,8 @@ class Endpoint:
             host, port = None, 0
         else:
             host, port = self._numeric.get(address) or await self._resolve(address)
-        token, future = self._start(is_request, peer_id, host, port, frame, timeout)
+        future: asyncio.Future[Any] = self._loop.create_future()
+        token = self._start(is_request, peer_id, host, port, frame, timeout, future)
         try:
             return await future
         finally:
@@ -125,14 +135,15 @@ class Endpoint:
         port: int,
         frame: Frame,
         timeout: float | None,
-    ) -> tuple[int, asyncio.Future[Any]]:
-        """Hands the frame to the native endpoint; the future resolves with the response or the send."""
+        future: asyncio.Future[Any] | concurrent.futures.Future[Any],
+    ) -> int:
+        """Hands the frame to the native endpoint; ``future`` resolves with the response or the send.
+        Safe from any thread: the token is registered before the native call can report on it."""
         if self._closed:
             raise EndpointClosed("the endpoint is closed", peer_id)
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
         token = next(self._tokens)
-        future: asyncio.Future[Any] = self._loop.create_future()
         self._pending[token] = (future, peer_id)
         try:
             if is_request:
@@ -144,7 +155,7 @@ class Endpoint:
         except BaseException:
             del self._pending[token]
             raise
-        return token, future
+        return token
 
     async def _resolve(self, address: Address) -> tuple[str, int]:
         host, port = address

@@ -96,7 +96,7 @@ def send_steps(
         for rank, _, _ in steps:
             step_id, result = allocated[rank]
             try:
-                message = await asyncio.wait_for(asyncio.shield(result), wait_s)
+                message = await asyncio.wait_for(asyncio.wrap_future(result), wait_s)
                 outcomes.append(message.tensors[0])
             except WorkerError as exc:
                 outcomes.append(exc)

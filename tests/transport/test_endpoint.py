@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import socket
 import time
@@ -389,24 +390,29 @@ def test_one_way_messages_never_run_out_of_stream_credit() -> None:
     assert run(scenario()) == 3000
 
 
-def test_send_soon_hands_every_frame_over_and_reports_failures_through_its_future() -> None:
+def test_send_soon_hands_every_frame_over_from_any_thread_and_reports_failures_through_its_future() -> None:
     async def scenario() -> tuple[list[int], BaseException | None]:
         a, b = await pair()
         received: list[int] = []
         b.set_handler(lambda peer_id, buffer: received.append(metadata_of(buffer)["n"]))
-        # No await between the sends: each frame is handed to QUIC before send_soon returns.
-        sends = [a.send_soon(b.peer_id, ("127.0.0.1", b.port), frame(ECHO, {"n": n})) for n in range(50)]
-        await asyncio.wait_for(asyncio.gather(*sends), 5)
+
+        def send(numbers: range) -> list[concurrent.futures.Future[None]]:
+            return [a.send_soon(b.peer_id, ("127.0.0.1", b.port), frame(ECHO, {"n": n})) for n in numbers]
+
+        # No await between the sends: each frame is handed to QUIC before send_soon returns, on the
+        # loop's thread and on another one alike.
+        sends = send(range(50)) + await asyncio.to_thread(send, range(50, 100))
+        await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, sends)), 5)
         deadline = time.monotonic() + 5
-        while len(received) < 50 and time.monotonic() < deadline:
+        while len(received) < 100 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         # A peer with no connection and no address: the future fails, send_soon itself does not raise.
-        failed = a.send_soon(new_key(), None, frame(ECHO))
+        failed = asyncio.wrap_future(a.send_soon(new_key(), None, frame(ECHO)))
         error = await asyncio.wait_for(asyncio.gather(failed, return_exceptions=True), 5)
         await a.close()
         await b.close()
         return received, error[0]
 
     received, error = run(scenario())
-    assert sorted(received) == list(range(50))
+    assert sorted(received) == list(range(100))
     assert isinstance(error, PeerUnreachable)
