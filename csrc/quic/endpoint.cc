@@ -425,6 +425,9 @@ void Endpoint::run() {
         if (fd == timer_fd_) armed_ = 0;
       }
     }
+    // Wake the handler thread before turn() writes ACKs: it handles the frames while this thread sends
+    // (an ACK's sendmsg on loopback also delivers it and wakes the peer, tens of us off the hop).
+    sink_->flush();
     turn();
     if (stopping_) {
       shutdown_connections(now_ns());

@@ -25,9 +25,12 @@ class BlockWeights:
     gate_up: Projection  # hidden -> 2 * intermediate
     down: Projection  # intermediate -> hidden
 
+    def projections(self) -> tuple[Projection, ...]:
+        return self.qkv, self.o, self.gate_up, self.down
+
     def nbytes(self) -> int:
         norms = self.attn_norm.numel() * self.attn_norm.element_size() * 2
-        return norms + sum(p.nbytes() for p in (self.qkv, self.o, self.gate_up, self.down))
+        return norms + sum(p.nbytes() for p in self.projections())
 
 
 def block_tensor_names(config: ModelConfig, index: int) -> list[str]:

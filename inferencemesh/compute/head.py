@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from inferencemesh.compute.blocks import rms_norm
 from inferencemesh.compute.config import ModelConfig
 from inferencemesh.compute.errors import InvalidModelDirectory
+from inferencemesh.compute.hugepages import place_in_huge_pages
 from inferencemesh.compute.linear import Projection
 from inferencemesh.compute.weights import WeightFiles
 
@@ -54,6 +55,7 @@ class ClientHead:
         else:
             embed, lm_head = files.load(EMBED, dtype, device), Projection(files.load(LM_HEAD, dtype, device))
         files.close()
+        place_in_huge_pages([lm_head])  # the client's big matmul streams it every token
         return cls(config, embed, norm, lm_head)
 
     @property

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from inferencemesh.compute.blocks import BlockWeights, block_tensor_names, load_block, rms_norm
 from inferencemesh.compute.config import ModelConfig
 from inferencemesh.compute.errors import InvalidSpan
+from inferencemesh.compute.hugepages import place_in_huge_pages
 from inferencemesh.compute.kv_cache import KVCacheManager, SessionCache
 from inferencemesh.compute.rope import RopeTable, apply_rope
 from inferencemesh.compute.weights import WeightFiles
@@ -83,8 +84,10 @@ class Span:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         progress: bool = True,
+        huge_pages: bool = True,
     ) -> Span:
-        """Reads only the tensors of blocks ``[start, end)`` from ``model_dir``."""
+        """Reads only the tensors of blocks ``[start, end)`` from ``model_dir``; on the CPU their
+        weights go to huge pages unless ``huge_pages`` is False (see compute/hugepages.py)."""
         config = ModelConfig.load(model_dir)
         check_span(start, end, config.num_layers)
         files = WeightFiles(model_dir)
@@ -95,6 +98,8 @@ class Span:
             for index in tqdm(range(start, end), desc=label, unit="block", disable=not progress)
         ]
         files.close()
+        if huge_pages:
+            place_in_huge_pages([p for block in blocks for p in block.projections()])
         return cls(config, start, end, blocks, dtype=dtype, device=device)
 
     @property
