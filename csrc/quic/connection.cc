@@ -146,7 +146,6 @@ ngtcp2_callbacks Connection::callbacks(bool server) {
   cb.stream_open = on_stream_open;
   cb.stream_close = on_stream_close;
   cb.stream_reset = on_stream_reset;
-  cb.stream_stop_sending = on_stream_stop_sending;
   cb.extend_max_local_streams_bidi = on_extend_max_streams;
   cb.extend_max_local_streams_uni = on_extend_max_streams;
   cb.extend_max_stream_data = on_extend_max_stream_data;
@@ -767,17 +766,6 @@ int Connection::on_stream_reset(ngtcp2_conn*, int64_t id, uint64_t, uint64_t app
   }
   s->in_done = true;
   s->in.reset();
-  return 0;
-}
-
-int Connection::on_stream_stop_sending(ngtcp2_conn*, int64_t id, uint64_t app_error, void* user, void*) {
-  auto* self = static_cast<Connection*>(user);
-  Stream* s = self->stream(id);
-  if (s == nullptr) return 0;
-  if (s->outgoing() && !s->reported) self->report_failure(s, error_of_app_code(app_error), app_code_text(app_error));
-  // The peer will not read the rest: stop sending it (ngtcp2 then resets our side).
-  compat::shutdown_stream(self->conn_, id, app_error);
-  self->dirty = true;
   return 0;
 }
 

@@ -124,7 +124,6 @@ class Connection {
                              void* stream_user);
   static int on_stream_reset(ngtcp2_conn*, int64_t id, uint64_t final_size, uint64_t app_error, void* user,
                              void* stream_user);
-  static int on_stream_stop_sending(ngtcp2_conn*, int64_t id, uint64_t app_error, void* user, void* stream_user);
   static int on_extend_max_streams(ngtcp2_conn*, uint64_t max_streams, void* user);
   static int on_extend_max_stream_data(ngtcp2_conn*, int64_t id, uint64_t max_data, void* user, void* stream_user);
   static void on_rand(uint8_t* dest, size_t len, const ngtcp2_rand_ctx* ctx);
