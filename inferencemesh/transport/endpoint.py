@@ -257,10 +257,10 @@ class Endpoint:
             entry = self._pending.pop(event[1], None) if event[0] == _FAILED else None
             if entry is not None and not entry[0].done():
                 entry[0].set_exception(error_for(event[2], event[3], entry[1]))
-        for future, peer_id in self._pending.values():
+        while self._pending:  # popitem: send_soon may still be adding from another thread
+            _, (future, peer_id) = self._pending.popitem()
             if not future.done():
                 future.set_exception(EndpointClosed("the endpoint is closed", peer_id))
-        self._pending.clear()
 
     async def __aenter__(self) -> Endpoint:
         return self
