@@ -300,9 +300,12 @@ class RemoteSession:
         self.last_chain_s = time.perf_counter() - pending.started
         return message.tensors[0]
 
-    def _advance(self, pending: PendingStep, output: torch.Tensor) -> torch.Tensor:
-        """Books a finished step (its output came, directly or after a failover)."""
+    def _finish(self, pending: PendingStep, message: Any) -> torch.Tensor:
+        """Books a step whose result came."""
         self._forget(pending)
+        return self._book(pending, self._output(pending, message))
+
+    def _book(self, pending: PendingStep, output: torch.Tensor) -> torch.Tensor:
         self._inputs.append(pending.hidden)
         self.position += pending.hidden.shape[0]
         return output
@@ -315,12 +318,11 @@ class RemoteSession:
         """A step without a result in step_timeout_s, or a failed one: waits on with probes, fails over."""
         try:
             message = await self._await_result(pending.result, pending.started)
-            output = self._output(pending, message)
         except (WorkerError, TransportError, TimeoutError) as exc:
             self._forget(pending)
             detection_s = time.perf_counter() - pending.started
-            output = await self._recover(exc, pending.hidden, detection_s=detection_s)
-        return self._advance(pending, output)
+            return self._book(pending, await self._recover(exc, pending.hidden, detection_s=detection_s))
+        return self._finish(pending, message)
 
     async def _send_step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         """Sends ``hidden`` down the chain and returns the last position's output (a replay)."""
@@ -439,7 +441,7 @@ def finish_steps(
     slow: list[int] = []
     for index, (session, pending) in enumerate(steps):
         if pending.result.done() and pending.result.exception() is None:
-            outputs.append(session._advance(pending, session._output(pending, pending.result.result())))
+            outputs.append(session._finish(pending, pending.result.result()))
         else:
             outputs.append(None)
             slow.append(index)
