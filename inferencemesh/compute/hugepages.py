@@ -37,21 +37,13 @@ def huge_pages_available() -> bool:
         return False
 
 
-def in_huge_pages(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Copies of CPU ``tensors``, with their shapes and strides, in one huge-page mapping.
-
-    Each tensor must be dense in some order (contiguous, or a transposed contiguous 2-D weight). The
-    originals come back unchanged where huge pages are unavailable or the mapping fails.
-    """
-    regions = _regions(tensors)
-    if regions is None:
-        return list(tensors)
-    return [_copy(tensor, region) for tensor, region in zip(tensors, regions, strict=True)]
-
-
 def place_in_huge_pages(projections: Sequence[Projection]) -> None:
-    """Moves the weights of CPU ``projections`` into one huge-page mapping (see in_huge_pages), one
-    at a time, so that each original can be freed before the next is copied."""
+    """Moves the weights of CPU ``projections``, with their shapes and strides, into one huge-page
+    mapping, one at a time, so that each original can be freed before the next is copied.
+
+    Each weight must be dense in some order (contiguous, or a transposed contiguous 2-D weight).
+    Where huge pages are unavailable or the mapping fails, the weights stay where they are.
+    """
     on_cpu = [p for p in projections if p.device.type == "cpu"]
     regions = _regions([p.weight for p in on_cpu])
     if regions is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from inferencemesh.compute.hugepages import HUGE_PAGE_BYTES, huge_pages_available, in_huge_pages
+from inferencemesh.compute.hugepages import HUGE_PAGE_BYTES, huge_pages_available, place_in_huge_pages
 from inferencemesh.compute.linear import Projection
 from inferencemesh.compute.span import Span
 
@@ -30,9 +30,16 @@ def anon_huge_kib(address: int) -> int:
 @needs_thp
 def test_copies_keep_values_shapes_and_strides_in_one_aligned_mapping() -> None:
     torch.manual_seed(0)
-    column_major = Projection(torch.randn(3000, 700)).weight  # the float32 layout: a transposed view
-    tensors = [column_major, torch.randn(5, 7), torch.arange(11, dtype=torch.int64), torch.randn(1000, 600)]
-    copies = in_huge_pages(tensors)
+    # float32 weights are transposed views (column-major), reduced precision ones contiguous.
+    projections = [
+        Projection(torch.randn(3000, 700)),
+        Projection(torch.randn(5, 7, dtype=torch.bfloat16)),
+        Projection(torch.randn(11, 3)),
+        Projection(torch.randn(1000, 600, dtype=torch.float16)),
+    ]
+    tensors = [p.weight for p in projections]
+    place_in_huge_pages(projections)
+    copies = [p.weight for p in projections]
     for original, copy in zip(tensors, copies, strict=True):
         assert copy.dtype == original.dtype and copy.shape == original.shape
         assert copy.stride() == original.stride()
@@ -46,8 +53,10 @@ def test_copies_keep_values_shapes_and_strides_in_one_aligned_mapping() -> None:
 
 @needs_thp
 def test_tensors_it_cannot_place_are_refused() -> None:
+    projection = Projection(torch.randn(8, 8))
+    projection.weight = torch.randn(8, 8)[:, ::2]
     with pytest.raises(ValueError, match="strides"):
-        in_huge_pages([torch.randn(8, 8)[:, ::2]])
+        place_in_huge_pages([projection])
 
 
 def test_a_loaded_span_computes_the_same_with_or_without_huge_pages(smollm2_dir: Path) -> None:
