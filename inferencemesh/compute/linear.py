@@ -8,12 +8,15 @@ decode speed. Measured on the 2-core VM (one row, cold weights; docs/benchmarks.
 - bfloat16/float16: oneDNN streams the row-major weight 1.4x (bf16) and 10x (fp16) faster than the
   column-major one.
 
-Both run one row on one thread. With 2-4 rows MKL's GEMM packs a float32 weight on every call and
-takes 1.6-2x the one-row time; ``(W @ x.T).T`` on a row-major weight streams it once (2 rows cost
-what 1 does, 4 rows 1.25x), but no product on the column-major weight does, and a row-major weight
-makes the one row 9-11 % slower (batch-1 engine decode 33.2 against 35.2 tok/s). Batch 1 is every
-lone user's decode, so float32 stays column-major (``python bench/bench_linear.py`` measures all
-three). Splitting a float32 weight into halves for a two-thread ``bmm``
+Both run one row on one thread. Several float32 rows (decode batches, prefill chunks) go to oneDNN
+instead of MKL: torch's MKL runs AVX2 code on AMD CPUs, oneDNN picks its kernels by instruction set
+and runs AVX-512 where there is one, and it reads the column-major weight as it lies. On the test
+machine (AMD EPYC with AVX-512) that is 2-2.5x faster from 2 rows up (16 rows of a 3072x576
+weight: 0.28 against 0.70 ms; the 42-token chat prompt through 10 blocks: see docs/compute.md),
+and as accurate (both within 1e-5 of a float64 product). One row stays on MKL, which streams the
+column-major weight fastest (``python bench/bench_linear.py`` measures every path). A row-major
+weight makes the one row 9-11 % slower (batch-1 engine decode 33.2 against 35.2 tok/s), so float32
+stays column-major. Splitting a float32 weight into halves for a two-thread ``bmm``
 streamed at ~32 GB/s on an idle machine, but its parallel region stalls for milliseconds whenever
 the machine is oversubscribed (several workers on few cores), so it is not used.
 """
@@ -22,6 +25,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+# torch's oneDNN linear (present in CPU builds with mkldnn); None where torch lacks it.
+_ONEDNN_LINEAR = (
+    getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+)
 
 
 class Projection:
@@ -34,6 +42,9 @@ class Projection:
             self.weight = weight.t().contiguous().t()
         else:
             self.weight = weight.contiguous()
+        self._onednn_rows = (
+            _ONEDNN_LINEAR is not None and weight.dtype == torch.float32 and weight.device.type == "cpu"
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -48,6 +59,8 @@ class Projection:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._onednn_rows and x.dim() == 2 and x.shape[0] > 1:
+            return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
     def rows(self, indices: torch.Tensor) -> torch.Tensor:

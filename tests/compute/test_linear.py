@@ -22,6 +22,14 @@ def test_float32_projection_matches_linear_for_every_row_count(rows: int, bias: 
     torch.testing.assert_close(y, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["strided", "transposed"])
+def test_float32_projection_takes_non_contiguous_rows(layout: str) -> None:
+    torch.manual_seed(2)
+    weight, bias = torch.randn(96, 40), torch.randn(96)
+    x = torch.randn(3, 80)[:, ::2] if layout == "strided" else torch.randn(40, 3).t()
+    torch.testing.assert_close(Projection(weight, bias)(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
 def test_rows_do_not_depend_on_each_other() -> None:
     # A batch's rows are separate sessions: none may see another's values.
     torch.manual_seed(0)

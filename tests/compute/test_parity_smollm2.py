@@ -53,8 +53,17 @@ def assert_teacher_forced_logits_match(reference, local: LocalModel, prompt: str
         session.close()
 
 
+# Two correct float32 implementations differ by their rounding. Against a float64 run of the same
+# model (chat prompt, 6 steps), transformers' float32 logits are off by 2.4-4.1e-5 and ours by
+# 3.7-9.3e-5 (several rows go to oneDNN, one row to MKL; compute/linear.py), so the two differ by up
+# to ~1.1e-4. A real fault (a wrong rope, norm or mask) moves logits by 1e-2 or more.
+FP32_LOGIT_TOLERANCE = 2e-4
+
+
 def test_fp32_three_spans_match_transformers_logits(smollm2_reference, smollm2_local) -> None:
-    assert_teacher_forced_logits_match(smollm2_reference, smollm2_local, PROMPTS[0], tolerance=1e-4)
+    assert_teacher_forced_logits_match(
+        smollm2_reference, smollm2_local, PROMPTS[0], tolerance=FP32_LOGIT_TOLERANCE
+    )
 
 
 def test_greedy_answer_to_the_france_prompt(smollm2_local) -> None:
