@@ -117,10 +117,12 @@ def workers_compute(client: DistributedModelForCausalLM, swarm: LocalSwarm) -> d
 
 
 def batch_tps(
-    client: DistributedModelForCausalLM, prompt_ids: list[int], sessions: int, tokens: int
+    client: DistributedModelForCausalLM, prompt_ids: list[int], sessions: int, tokens: int, waves: int
 ) -> float:
     """Aggregate decode tokens/s of ``sessions`` sequences generated together by generate_batch."""
-    results = client.generate_batch([prompt_ids] * sessions, max_new_tokens=tokens + 1, ignore_eos=True)
+    results = client.generate_batch(
+        [prompt_ids] * sessions, max_new_tokens=tokens + 1, ignore_eos=True, waves=waves
+    )
     return sum(result.decode_tokens_per_s for result in results)
 
 
@@ -165,7 +167,9 @@ def plot(path: Path, results: dict[str, dict[str, float]], aggregates: dict[str,
     left.bar(names, [results[n]["decode_tps"] for n in names], color=["#999", "#4a7", "#37b"])
     left.set_ylabel("decode tokens/s (batch 1)")
     left.set_title("SmolLM2-135M fp32, one session")
-    for (label, aggregate), color in zip(aggregates.items(), ("#37b", "#b73"), strict=False):
+    for (label, aggregate), color in zip(
+        aggregates.items(), ("#37b", "#4a7", "#b73", "#a3b", "#777"), strict=False
+    ):
         counts = sorted(aggregate)
         right.plot(counts, [aggregate[c] for c in counts], marker="o", color=color, label=label)
     right.legend()
@@ -186,6 +190,9 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--ttft-runs", type=int, default=5, help="prefills per system for the TTFT median")
+    parser.add_argument(
+        "--waves", type=int, nargs="+", default=[1], help="generate_batch's waves (each measured)"
+    )
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot (needs matplotlib)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
     args = parser.parse_args()
@@ -221,7 +228,10 @@ def main() -> None:
             span_compute = sum(
                 (after[k][1] - before[k][1]) / max(1, after[k][0] - before[k][0]) for k in after
             )
-            batched = {n: batch_tps(client, prompt_ids, n, args.decode_tokens) for n in args.sessions}
+            batched = {
+                waves: {n: batch_tps(client, prompt_ids, n, args.decode_tokens, waves) for n in args.sessions}
+                for waves in args.waves
+            }
             threaded = {n: threads_tps(client, prompt_ids, n, args.decode_tokens) for n in args.sessions}
             client.close()
         finally:
@@ -242,13 +252,15 @@ def main() -> None:
         f"{results['mesh']['chain_s'] * 1e3:.2f} ms, - mean compute the workers measured, "
         f"{span_compute * 1e3:.2f} ms, / 3 workers)"
     )
-    for label, aggregate in (("generate_batch", batched), ("thread per session", threaded)):
+    aggregates = {f"generate_batch, waves={w}": batched[w] for w in args.waves}
+    aggregates["thread per session"] = threaded
+    for label, aggregate in aggregates.items():
         single = aggregate.get(1)
         for count, tps in aggregate.items():
             ratio = f" ({tps / single:.2f}x single)" if single else ""
             print(f"aggregate decode, {count:2d} sessions, {label}: {tps:8.1f} tok/s{ratio}")
     if args.plot:
-        plot(args.plot, results, {"generate_batch": batched, "thread per session": threaded})
+        plot(args.plot, results, aggregates)
 
 
 if __name__ == "__main__":

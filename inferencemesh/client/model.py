@@ -11,6 +11,7 @@ The client holds only the embeddings, the final norm and the LM head; the blocks
 
 from __future__ import annotations
 
+import collections
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ import torch
 from inferencemesh.client.batched_head import BatchedHead
 from inferencemesh.client.route import BanList
 from inferencemesh.client.runtime import MeshRuntime, gather
-from inferencemesh.client.session import RemoteSession, SessionOptions, finish_steps
+from inferencemesh.client.session import PendingStep, RemoteSession, SessionOptions, finish_steps
 from inferencemesh.compute.config import ModelConfig
 from inferencemesh.compute.generation import GenerationResult, TokenLoop
 from inferencemesh.compute.head import ClientHead
@@ -164,14 +165,21 @@ class DistributedModelForCausalLM:
         stop_strings: Sequence[str] = (),
         ignore_eos: bool = False,
         on_text: Callable[[int, str], None] | None = None,
+        waves: int = 1,
     ) -> list[MeshGeneration]:
         """Generates a continuation of every prompt, each in its own session, stepping them together.
 
-        Every round sends each unfinished sequence's step at once, so workers compute them as one
-        batch, and runs the LM head over all of them in one matmul: the throughput way to serve many
-        prompts. Results are what :meth:`generate` gives each prompt alone; ``on_text(index, text)``
-        streams.
+        A round sends a step of every unfinished sequence at once, as one burst that each worker
+        computes as one batch, and runs the LM head over all of them in one matmul. With ``waves`` > 1
+        the sequences form that many groups that take turns down the chain: while the second hop
+        computes one group, the first computes the next (pipeline parallelism). That pays where the
+        workers have their own cores (a group per hop keeps every worker busy); where they share a
+        machine, smaller batches cost more than the overlap gains (docs/benchmarks.md), hence the
+        default of 1. Results are what :meth:`generate` gives each prompt alone; ``on_text(index,
+        text)`` streams.
         """
+        if waves < 1:
+            raise ValueError("waves must be >= 1")
         prompt_ids = [self.encode_prompt(p, chat=chat) if isinstance(p, str) else list(p) for p in prompts]
         loops = [
             TokenLoop(
@@ -193,27 +201,41 @@ class DistributedModelForCausalLM:
         try:
             self.runtime.call(gather(remote.open() for remote in remotes))
             started = time.perf_counter()
-            inputs: dict[int, list[int]] = dict(enumerate(prompt_ids))  # unfinished sequences' next input
-            while inputs:
-                hidden = [self.head.embed(ids).to(torch.float32) for ids in inputs.values()]
-                stepping = [remotes[index] for index in inputs]
-                begun = [remote.begin_step(h) for remote, h in zip(stepping, hidden, strict=True)]
-                outputs = finish_steps(self.runtime, list(zip(stepping, begun, strict=True)))
+            groups = (range(first, len(prompts), waves) for first in range(waves))
+            in_flight = collections.deque(
+                self._begin_wave(remotes, {i: prompt_ids[i] for i in group}) for group in groups if group
+            )
+            while in_flight:
+                wave = in_flight.popleft()
+                outputs = finish_steps(self.runtime, [(remotes[i], step) for i, step in wave.items()])
                 logits = self.lm_head.logits(torch.cat([output[-1:] for output in outputs]))
                 now = time.perf_counter()
-                for row, index in enumerate(list(inputs)):
+                inputs: dict[int, list[int]] = {}  # the wave's unfinished sequences' next input
+                for row, index in enumerate(wave):
                     timings[index].append(now)
                     token = loops[index].next_token(logits[row])
-                    if token is None:
-                        del inputs[index]
-                    else:
+                    if token is not None:
                         inputs[index] = [token]
+                if inputs:
+                    in_flight.append(self._begin_wave(remotes, inputs))
             return [
                 _mesh_generation(loop.result(), ids, started, times, remote)
                 for loop, ids, times, remote in zip(loops, prompt_ids, timings, remotes, strict=True)
             ]
         finally:
             self.runtime.call(gather(remote.close() for remote in remotes))
+
+    def _begin_wave(
+        self, remotes: list[RemoteSession], inputs: dict[int, list[int]]
+    ) -> dict[int, PendingStep]:
+        """Sends the step of every sequence in ``inputs`` (index -> token ids) down the chain; decode
+        steps as one burst, which the workers compute as one batch."""
+        decoding = len(inputs) > 1 and all(len(ids) == 1 for ids in inputs.values())
+        burst = (self.runtime.new_burst(), len(inputs)) if decoding else None
+        return {
+            index: remotes[index].begin_step(self.head.embed(ids).to(torch.float32), burst)
+            for index, ids in inputs.items()
+        }
 
     def _remote_session(self, max_length: int) -> RemoteSession:
         return RemoteSession(

@@ -94,6 +94,10 @@ class MeshRuntime:
         self._steps[step_id] = future
         return step_id, future
 
+    def new_burst(self) -> int:
+        """An id for decode steps of several sessions sent together (STEP's ``burst``; any thread)."""
+        return next(self._step_ids)
+
     def forget_step(self, step_id: int) -> None:
         self._steps.pop(step_id, None)
 

@@ -245,17 +245,20 @@ class RemoteSession:
         await asyncio.gather(*(close_one(hop) for hop in hops))
 
     # ------------------------------------------------------------------ steps
-    def begin_step(self, hidden: torch.Tensor) -> PendingStep:
+    def begin_step(self, hidden: torch.Tensor, burst: tuple[int, int] | None = None) -> PendingStep:
         """Sends ``hidden`` [tokens, hidden_size] down the chain now, from the calling thread; wait for
-        its output with :func:`finish_steps`."""
+        its output with :func:`finish_steps`. ``burst`` (id, size): this decode step is one of ``size``
+        that the caller sends together for other sessions too, to be computed as one batch."""
         if self.position + hidden.shape[0] > self.max_length:
             raise LengthExceeded(
                 f"{hidden.shape[0]} more tokens at position {self.position} "
                 f"exceed max_length {self.max_length}"
             )
-        return self._launch(hidden, self.position)
+        return self._launch(hidden, self.position, burst)
 
-    def _launch(self, hidden: torch.Tensor, position: int) -> PendingStep:
+    def _launch(
+        self, hidden: torch.Tensor, position: int, burst: tuple[int, int] | None = None
+    ) -> PendingStep:
         """Hands the step's frames to QUIC (any thread); a failed send fails the step's result.
 
         A long input goes as several steps of at most ``prefill_chunk`` tokens, sent back to back: while
@@ -283,6 +286,8 @@ class RemoteSession:
                 "partial": index < len(pieces) - 1,
                 "chain": chain,
             }
+            if burst is not None:
+                metadata["burst"] = list(burst)
             frame = encode_message(MessageKind.STEP, step_id, metadata, [piece])
             # A failed send fails the step; one that flow control holds up forever ends in a failover
             # like a result that never comes (the wait probes the hops).

@@ -29,7 +29,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,11 +45,31 @@ ACTIVE_S = 1.0  # a session that submitted work this recently is expected to sen
 Done = Callable[[torch.Tensor | None, BaseException | None], None]
 
 
+@dataclass(frozen=True)
+class Burst:
+    """Decode steps a client sent together, to be computed as one batch: ``size`` steps share ``key``."""
+
+    key: Hashable
+    size: int
+
+
+@dataclass
+class _Gathering:
+    """The steps of a burst that have arrived so far."""
+
+    count: int = 0
+    # When the latest arrived, or when the loop came back from computing other work (no step can
+    # arrive while it computes inline, so that time does not count as waiting).
+    since: float = 0.0
+
+
 @dataclass
 class _Job:
     cache: SessionCache
     hidden: torch.Tensor  # [tokens, hidden_size]
     done: Done
+    burst: Burst | None = None
+    arrived: float = 0.0  # time.perf_counter() when a decode was submitted
     done_tokens: int = 0
     outputs: list[torch.Tensor] = field(default_factory=list)
 
@@ -99,9 +119,9 @@ class ComputeScheduler:
         # Loop thread only: decodes waiting to run, when the first and the last of them arrived, and
         # when each recent session (by id of its cache) last submitted work.
         self._arrived: list[_Job] = []
-        self._first_arrival = self._last_arrival = 0.0
-        self._flush_scheduled = False
-        self._gather_timer: asyncio.TimerHandle | None = None
+        self._bursts: dict[Burst, _Gathering] = {}  # of the steps in _arrived
+        self._last_arrival = 0.0
+        self._pending_flush: asyncio.Handle | None = None  # call_soon or call_later of _flush
         self._recent: dict[int, float] = {}
         self._pruned_at = 0.0
         self._decode_batch_s = decode_row_s
@@ -115,26 +135,33 @@ class ComputeScheduler:
         self._thread = threading.Thread(target=self._run, name="inferencemesh-compute", daemon=True)
         self._thread.start()
 
-    def submit(self, cache: SessionCache, hidden: torch.Tensor, done: Done) -> None:
-        """Runs ``hidden`` [tokens, hidden_size] through the span, continuing ``cache``; event loop only."""
+    def submit(
+        self, cache: SessionCache, hidden: torch.Tensor, done: Done, burst: Burst | None = None
+    ) -> None:
+        """Runs ``hidden`` [tokens, hidden_size] through the span, continuing ``cache``; event loop only.
+        ``burst``: the decode step is one of a burst, to be batched with the rest of it."""
         if self._stopping:
             raise RuntimeError("the compute loop has stopped")
-        job = _Job(cache, hidden, done)
+        job = _Job(cache, hidden, done, burst)
         others_active = self._others_active(id(cache))
         self._recent[id(cache)] = time.perf_counter()
         if hidden.shape[0] == 1:
-            self._last_arrival = time.perf_counter()
-            if not self._arrived:
-                self._first_arrival = self._last_arrival
+            job.arrived = self._last_arrival = time.perf_counter()
             self._arrived.append(job)
-            if self._flush_scheduled or self._gather_timer is not None:
+            if burst is not None:
+                gathering = self._bursts.setdefault(burst, _Gathering())
+                gathering.count += 1
+                gathering.since = job.arrived
+                if gathering.count == burst.size:  # its last step: run the burst now
+                    self._flush()
+                    return
+            if self._pending_flush is not None:
                 return
-            if len(self._arrived) == 1 and not others_active:
+            if len(self._arrived) == 1 and not others_active and burst is None:
                 self._flush()  # a lone session: no other step could join its batch
                 return
             # Wait for the rest of this loop turn at least: other sessions' decodes may join the batch.
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._flush_later()
             return
         tokens = hidden.shape[0]
         if self._start_inline(tokens * self._prefill_token_s):
@@ -159,15 +186,31 @@ class ComputeScheduler:
 
     # ------------------------------------------------------------------ event loop side
     def _flush(self) -> None:
-        self._flush_scheduled = False
-        self._gather_timer = None
-        wait = self._gather_wait()
-        if wait > 0:
-            self._gather_timer = self._loop.call_later(wait, self._flush)
+        """Runs the decodes that arrived and need not wait longer; (re)schedules itself for the rest."""
+        if self._pending_flush is not None:
+            self._pending_flush.cancel()  # a no-op when that is what runs now
+            self._pending_flush = None
+        now = time.perf_counter()
+        ready: list[_Job] = []
+        held: list[_Job] = []  # steps of bursts still arriving
+        for job in self._arrived:
+            (held if self._still_arriving(job, now) else ready).append(job)
+        wait = self._gather_wait(ready, now)
+        if wait > 0 or not ready:
+            retry = self._held_wait(held, now)
+            if ready:
+                retry = min(retry, wait)
+            if retry < float("inf"):
+                self._flush_later(max(0.0, retry))
             return
-        arrived, self._arrived = self._arrived, []
-        for start in range(0, len(arrived), self.max_batch):
-            batch = arrived[start : start + self.max_batch]
+        self._arrived = held
+        for job in ready:
+            if job.burst is not None:
+                self._bursts[job.burst].count -= 1
+                if self._bursts[job.burst].count <= 0:
+                    del self._bursts[job.burst]
+        for start in range(0, len(ready), self.max_batch):
+            batch = ready[start : start + self.max_batch]
             if not self._start_inline(len(batch) * self._decode_row_s):
                 self._enqueue(self._decodes, batch)
                 continue
@@ -177,6 +220,34 @@ class ComputeScheduler:
                 self._end_inline()
             for row, job in enumerate(batch):
                 _settle(job, None if output is None else output[row : row + 1], error)
+        if held:
+            now = time.perf_counter()
+            for burst in {job.burst for job in held if job.burst is not None}:
+                self._bursts[burst].since = now
+            if self._pending_flush is None:
+                self._flush_later(self._held_wait(held, now))
+
+    def _flush_later(self, delay: float | None = None) -> None:
+        """Schedules the next flush: at the end of this loop turn (None), or in ``delay`` seconds."""
+        if self._pending_flush is not None:
+            self._pending_flush.cancel()
+        if delay is None:
+            self._pending_flush = self._loop.call_soon(self._flush)
+        else:
+            self._pending_flush = self._loop.call_later(delay, self._flush)
+
+    def _still_arriving(self, job: _Job, now: float) -> bool:
+        """Whether ``job`` waits for the rest of its burst: at most one batch's compute time after the
+        latest of its steps arrived."""
+        if job.burst is None:
+            return False
+        gathering = self._bursts[job.burst]
+        return gathering.count < job.burst.size and now < gathering.since + self._decode_batch_s
+
+    def _held_wait(self, held: list[_Job], now: float) -> float:
+        """Seconds until the first of the ``held`` steps stops waiting for its burst (inf: none held)."""
+        bursts = {job.burst for job in held if job.burst is not None}
+        return min((self._bursts[b].since + self._decode_batch_s - now for b in bursts), default=float("inf"))
 
     def _start_inline(self, expected_s: float) -> bool:
         """Whether work expected to take ``expected_s`` may run on the loop thread now; if so, the span
@@ -207,17 +278,19 @@ class ComputeScheduler:
             self._pruned_at = now
         return any(other != key and now - at < ACTIVE_S for other, at in self._recent.items())
 
-    def _gather_wait(self) -> float:
-        """How much longer the decodes that arrived should wait for more to join them (0: run now)."""
-        if not self._arrived or self.gather_s <= 0:
+    def _gather_wait(self, ready: list[_Job], now: float) -> float:
+        """How much longer the ``ready`` decodes should wait for more to join them (0: run now).
+
+        Steps of complete bursts run at once (along with any loose steps that came meanwhile); loose
+        steps alone wait while steps of other recently active sessions keep arriving."""
+        if not ready or self.gather_s <= 0 or any(job.burst is not None for job in ready):
             return 0.0
-        now = time.perf_counter()
-        waiting = {id(job.cache) for job in self._arrived}
+        waiting = {id(job.cache) for job in ready}
         expected = sum(now - at < ACTIVE_S for key, at in self._recent.items() if key not in waiting)
-        if expected == 0 or len(self._arrived) >= self.max_batch:
+        if expected == 0 or len(ready) >= self.max_batch:
             return 0.0
         quiet_until = self._last_arrival + self.gather_s
-        deadline = self._first_arrival + self._decode_batch_s
+        deadline = ready[0].arrived + self._decode_batch_s
         return max(0.0, min(quiet_until, deadline) - now)
 
     def _enqueue(self, queue: collections.deque[_Job], jobs: list[_Job]) -> None:

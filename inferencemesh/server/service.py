@@ -46,7 +46,7 @@ from inferencemesh.protocol.messages import (
     error_message,
     kind_name,
 )
-from inferencemesh.server.scheduler import ComputeScheduler
+from inferencemesh.server.scheduler import Burst, ComputeScheduler
 from inferencemesh.server.sessions import QueuedStep, ServerSession, SessionRegistry
 from inferencemesh.transport.endpoint import Endpoint
 from inferencemesh.transport.errors import TransportError
@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_CHAIN_HOPS = 64
 MAX_QUEUED_STEPS = 64  # steps of one session waiting for their turn
+MAX_BURST = 4096  # most steps a client may announce as one burst
 REORDER_WAIT_S = 2.0  # how long a step waits for an earlier step of its session to arrive
 
 
@@ -237,7 +238,8 @@ class WorkerService:
             )
         if len(session.pending) >= MAX_QUEUED_STEPS:
             raise TooLarge(f"{MAX_QUEUED_STEPS} steps of this session are already waiting")
-        return session, QueuedStep(message.request_id, position, hidden, chain, message)
+        burst = self._burst(client, metadata)
+        return session, QueuedStep(message.request_id, position, hidden, chain, message, burst)
 
     def _advance(self, session: ServerSession) -> None:
         """Starts the session's next step if it can run now."""
@@ -258,7 +260,10 @@ class WorkerService:
             session.running = True
             try:
                 self.scheduler.submit(
-                    session.cache, step.hidden, functools.partial(self._computed, session, step, outgoing)
+                    session.cache,
+                    step.hidden,
+                    functools.partial(self._computed, session, step, outgoing),
+                    step.burst,
                 )
             except RuntimeError as exc:  # the compute loop stopped: the worker is shutting down
                 session.running = False
@@ -387,6 +392,24 @@ class WorkerService:
         if hidden.shape[0] > self.max_request_tokens:
             raise TooLarge(f"{hidden.shape[0]} tokens in one request; the limit is {self.max_request_tokens}")
         return hidden
+
+    @staticmethod
+    def _burst(client: bytes, metadata: dict[str, Any]) -> Burst | None:
+        """The optional ``burst: [id, size]``: the client sent this step with ``size - 1`` steps of its
+        other sessions, to be computed together. Ids are the client's, so they are scoped to it."""
+        value = metadata.get("burst")
+        if value is None:
+            return None
+        valid = (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            and value[0] >= 0
+            and 1 <= value[1] <= MAX_BURST
+        )
+        if not valid:
+            raise BadRequest(f"burst is [id >= 0, size in 1..{MAX_BURST}], got {value!r}")
+        return Burst((client, value[0]), value[1])
 
     def _chain(self, metadata: dict[str, Any]) -> list[list[Any]]:
         chain = _field(metadata, "chain", list)

@@ -23,6 +23,7 @@ from inferencemesh.compute.kv_cache import KVCacheManager, SessionCache
 from inferencemesh.p2p.identity import short_id
 from inferencemesh.protocol.frames import Message
 from inferencemesh.protocol.messages import CacheFull, TooLarge, UnknownSession
+from inferencemesh.server.scheduler import Burst
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class QueuedStep:
     hidden: torch.Tensor = field(compare=False)  # [tokens, hidden_size]
     chain: list[list[Any]] = field(compare=False)  # the hops after this worker
     message: Message = field(compare=False)
+    burst: Burst | None = field(compare=False, default=None)  # the steps of other sessions it came with
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 from inferencemesh.compute.errors import CacheOverflow
 from inferencemesh.compute.kv_cache import KVCacheManager, SessionCache
 from inferencemesh.compute.span import Span
-from inferencemesh.server.scheduler import ComputeScheduler
+from inferencemesh.server.scheduler import Burst, ComputeScheduler
 
 HIDDEN = 576
 
@@ -28,19 +28,23 @@ def caches(span: Span) -> Iterator[KVCacheManager]:
     yield span.cache_manager(64 << 20)
 
 
-def scheduler(span: Span, *, inline_budget_s: float = 1.0, gather_s: float = 0.0) -> ComputeScheduler:
+def scheduler(
+    span: Span, *, inline_budget_s: float = 1.0, gather_s: float = 0.0, decode_row_s: float = 0.001
+) -> ComputeScheduler:
     return ComputeScheduler(
         span,
         max_batch=8,
         prefill_chunk=4,
         inline_budget_s=inline_budget_s,
         gather_s=gather_s,
-        decode_row_s=0.001,
+        decode_row_s=decode_row_s,
         prefill_token_s=0.001,
     )
 
 
-async def compute(sched: ComputeScheduler, cache: SessionCache, hidden: torch.Tensor) -> torch.Tensor:
+async def compute(
+    sched: ComputeScheduler, cache: SessionCache, hidden: torch.Tensor, burst: Burst | None = None
+) -> torch.Tensor:
     done: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
 
     def settle(output: torch.Tensor | None, error: BaseException | None) -> None:
@@ -49,7 +53,7 @@ async def compute(sched: ComputeScheduler, cache: SessionCache, hidden: torch.Te
         else:
             done.set_result(output)
 
-    sched.submit(cache, hidden, settle)
+    sched.submit(cache, hidden, settle, burst)
     return await done
 
 
@@ -131,6 +135,62 @@ def test_a_batch_waits_for_active_sessions_but_no_longer_than_one_batch_takes(
         started = loop.time()
         await compute(sched, sessions[0], step)
         assert sched.stats.decode_batches == 4
+        sched.stop()
+        return loop.time() - started
+
+    assert asyncio.run(run()) < 5.0
+
+
+def test_a_burst_runs_as_one_batch_when_complete_and_other_bursts_do_not_hold_it(
+    span: Span, caches: KVCacheManager
+) -> None:
+    torch.manual_seed(2)
+    prompts = [torch.randn(2, HIDDEN) for _ in range(4)]
+    steps = torch.randn(4, HIDDEN)
+    first, second = Burst(("client", 1), 2), Burst(("client", 2), 2)
+
+    async def run() -> list[torch.Tensor]:
+        # Loose steps would wait for each other up to 5 s, a burst's for ~1 s (one batch's time).
+        sched = scheduler(span, gather_s=5.0, decode_row_s=1.0)
+        sessions = [caches.allocate(i, 32) for i in range(4)]
+        for cache, prompt in zip(sessions, prompts, strict=True):
+            await compute(sched, cache, prompt)
+        bursts = [first, first, second, second]
+
+        def submit(i: int) -> asyncio.Future[torch.Tensor]:
+            return asyncio.ensure_future(compute(sched, sessions[i], steps[i : i + 1], bursts[i]))
+
+        # The client keeps two bursts in flight: the first completes while the second is still
+        # arriving, and runs at once without it.
+        outputs = {i: submit(i) for i in (0, 2, 1)}
+        await asyncio.gather(outputs[0], outputs[1])
+        assert not outputs[2].done()
+        assert (sched.stats.decode_batches, sched.stats.decode_tokens) == (1, 2)
+        outputs[3] = submit(3)
+        await asyncio.gather(outputs[2], outputs[3])
+        assert (sched.stats.decode_batches, sched.stats.decode_tokens) == (2, 4)
+        sched.stop()
+        return [outputs[i].result() for i in range(4)]
+
+    outputs = asyncio.run(run())
+    for i, output in enumerate(outputs):
+        expected = reference(span, caches, prompts[i], steps[i : i + 1])
+        torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_a_burst_missing_a_step_runs_without_it_after_one_batch_time(
+    span: Span, caches: KVCacheManager
+) -> None:
+    async def run() -> float:
+        sched = scheduler(span, gather_s=5.0)
+        sessions = [caches.allocate(i, 32) for i in range(2)]
+        for cache in sessions:
+            await compute(sched, cache, torch.zeros(2, HIDDEN))
+        burst = Burst(("client", 7), 3)  # the third step never comes (failed upstream)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.gather(*(compute(sched, cache, torch.zeros(1, HIDDEN), burst) for cache in sessions))
+        assert (sched.stats.decode_batches, sched.stats.decode_tokens) == (1, 2)
         sched.stop()
         return loop.time() - started
 

@@ -73,6 +73,7 @@ def send_steps(
     steps: list[tuple[int, int, Any]],
     wait_s: float = 10.0,
     client: bytes | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> list[Any]:
     """Sends one-hop STEPs in the given order without waiting in between: (id rank, position, hidden),
     where the id rank orders the step ids as a client would have numbered them. Returns each step's
@@ -90,6 +91,7 @@ def send_steps(
                 "position": position,
                 "last_only": False,
                 "chain": [],
+                **(extra or {}),
             }
             frame = encode_message(MessageKind.STEP, step_id, metadata, [hidden])
             await runtime.endpoint.send(worker.peer_id, entry_address(worker), frame)
@@ -116,9 +118,13 @@ def step(
     position: int,
     hidden: Any,
     client: bytes | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """Sends a one-hop STEP; returns the result tensor or raises the worker's typed error."""
-    (outcome,) = send_steps(runtime, worker, session_id, token, [(0, position, hidden)], client=client)
+    """Sends a one-hop STEP (``extra``: more metadata); returns the result tensor or raises the
+    worker's typed error."""
+    (outcome,) = send_steps(
+        runtime, worker, session_id, token, [(0, position, hidden)], client=client, extra=extra
+    )
     if isinstance(outcome, WorkerError):
         raise outcome
     assert outcome is not None, "no answer to the step"
@@ -154,6 +160,18 @@ def test_wrong_shape_dtype_and_position_get_typed_errors(
     assert out.shape == (4, HIDDEN) and torch.isfinite(out).all()
     with pytest.raises(LengthExceeded):  # the session is full now
         step(runtime, first_worker, session_id, token, 4, torch.zeros(1, HIDDEN))
+
+
+def test_malformed_bursts_are_refused_and_a_burst_of_one_runs_at_once(
+    runtime: MeshRuntime, first_worker: ProviderEntry, client: DistributedModelForCausalLM
+) -> None:
+    session_id, token = open_session(runtime, first_worker, client.model_id, max_length=4)
+    hidden = torch.zeros(1, HIDDEN)
+    for burst in ([1], [1, 0], [-1, 2], [1, 10**9], ["a", 2], [1, True], "burst"):
+        with pytest.raises(BadRequest, match="burst"):
+            step(runtime, first_worker, session_id, token, 0, hidden, extra={"burst": burst})
+    out = step(runtime, first_worker, session_id, token, 0, hidden, extra={"burst": [5, 1]})
+    assert out.shape == (1, HIDDEN) and torch.isfinite(out).all()
 
 
 def test_sessions_are_isolated_between_clients(

@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 
 from inferencemesh.cli.local_swarm import LocalSwarm
@@ -159,16 +160,24 @@ def test_a_prompt_sent_in_pipelined_chunks_gives_the_same_logits(client: Distrib
     torch.testing.assert_close(logits[8], logits[0], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("waves", [1, 2, 3], ids=["lockstep", "two-waves", "one-wave-per-hop"])
 def test_generate_batch_gives_every_prompt_its_exact_continuation(
-    client: DistributedModelForCausalLM, reference_tokens: dict[str, list[int]]
+    client: DistributedModelForCausalLM, reference_tokens: dict[str, list[int]], waves: int
 ) -> None:
     streamed: dict[int, str] = {}
 
     def on_text(index: int, text: str) -> None:
         streamed[index] = streamed.get(index, "") + text
 
-    results = client.generate_batch(PROMPTS, chat=True, max_new_tokens=MAX_NEW_TOKENS, on_text=on_text)
+    results = client.generate_batch(
+        PROMPTS, chat=True, max_new_tokens=MAX_NEW_TOKENS, on_text=on_text, waves=waves
+    )
     for index, (prompt, result) in enumerate(zip(PROMPTS, results, strict=True)):
         assert result.token_ids == reference_tokens[prompt], prompt
         assert streamed.get(index, "") == result.text
         assert result.decode_tokens_per_s > 0 and len(result.route) == 3
+
+
+def test_generate_batch_refuses_zero_waves(client: DistributedModelForCausalLM) -> None:
+    with pytest.raises(ValueError, match="waves"):
+        client.generate_batch(PROMPTS, waves=0)
