@@ -1,6 +1,7 @@
-"""float32 matmuls of a few rows, three ways: torch's linear on a column-major weight (what
-linear.Projection does), on a row-major weight, and ``(W @ x.T).T`` on a row-major weight (odd row
-counts padded to even), which packs only the input rows and streams the weight once.
+"""float32 matmuls of a few rows, every way at hand: torch's linear (MKL) on a column-major and on a
+row-major weight, ``(W @ x.T).T`` on a row-major weight (odd row counts padded to even; MKL packs
+only the input rows and streams the weight once), torch's oneDNN linear on both layouts, and
+linear.Projection, which picks among them (MKL for one row, oneDNN for several, column-major).
 
 Streams 20 weights of SmolLM2's projection shapes (~64 MB, more than the L3) once per sample, one
 thread, so each matmul reads its weight from memory as in decode. Then the decode time of 10 SmolLM2
@@ -41,20 +42,33 @@ def row_major_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.mm(weight, padded.t()).t()[:rows].contiguous()
 
 
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
 def kernels(rows_list: list[int], samples: int) -> None:
     weights = [torch.randn(*SHAPES[i % len(SHAPES)]) for i in range(20)]
     projections = [Projection(w) for w in weights]  # column-major float32
+    column_major = [p.weight for p in projections]
+    ways: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        "MKL col": F.linear,
+        "MKL row": F.linear,
+        "(W@x.T).T row": row_major_product,
+        "oneDNN col": onednn_linear,
+        "oneDNN row": onednn_linear,
+    }
     print("20 weights (~64 MB) streamed per sample, ms:")
-    print(
-        f"  {'rows':>4s} {'linear, column-major':>21s} {'linear, row-major':>18s} "
-        f"{'(W @ x.T).T, row-major':>23s}"
-    )
+    print(f"  {'rows':>4s} " + " ".join(f"{name:>14s}" for name in ways) + f" {'Projection':>11s}")
     for rows in rows_list:
         x = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}  # by in_features
-        col = median_ms(lambda x=x: [p(x[p.in_features]) for p in projections], samples)
-        row = median_ms(lambda x=x: [F.linear(x[w.shape[1]], w) for w in weights], samples)
-        product = median_ms(lambda x=x: [row_major_product(x[w.shape[1]], w) for w in weights], samples)
-        print(f"  {rows:4d} {col:21.2f} {row:18.2f} {product:23.2f}")
+        cells = []
+        for name, product in ways.items():
+            layout = column_major if name.endswith("col") else weights
+            cells.append(
+                median_ms(lambda x=x, f=product, ws=layout: [f(x[w.shape[1]], w) for w in ws], samples)
+            )
+        chosen = median_ms(lambda x=x: [p(x[p.in_features]) for p in projections], samples)
+        print(f"  {rows:4d} " + " ".join(f"{ms:14.2f}" for ms in cells) + f" {chosen:11.2f}")
 
 
 def decode_batches(rows_list: list[int], samples: int) -> None:

@@ -117,7 +117,11 @@ def workers_compute(client: DistributedModelForCausalLM, swarm: LocalSwarm) -> d
 
 
 def batch_tps(
-    client: DistributedModelForCausalLM, prompt_ids: list[int], sessions: int, tokens: int, waves: int
+    client: DistributedModelForCausalLM,
+    prompt_ids: list[int],
+    sessions: int,
+    tokens: int,
+    waves: int | None,
 ) -> float:
     """Aggregate decode tokens/s of ``sessions`` sequences generated together by generate_batch."""
     results = client.generate_batch(
@@ -191,7 +195,11 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--ttft-runs", type=int, default=5, help="prefills per system for the TTFT median")
     parser.add_argument(
-        "--waves", type=int, nargs="+", default=[1], help="generate_batch's waves (each measured)"
+        "--waves",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="generate_batch's waves, each measured (0: its default)",
     )
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot (needs matplotlib)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
@@ -229,7 +237,10 @@ def main() -> None:
                 (after[k][1] - before[k][1]) / max(1, after[k][0] - before[k][0]) for k in after
             )
             batched = {
-                waves: {n: batch_tps(client, prompt_ids, n, args.decode_tokens, waves) for n in args.sessions}
+                waves: {
+                    n: batch_tps(client, prompt_ids, n, args.decode_tokens, waves or None)
+                    for n in args.sessions
+                }
                 for waves in args.waves
             }
             threaded = {n: threads_tps(client, prompt_ids, n, args.decode_tokens) for n in args.sessions}
@@ -252,7 +263,7 @@ def main() -> None:
         f"{results['mesh']['chain_s'] * 1e3:.2f} ms, - mean compute the workers measured, "
         f"{span_compute * 1e3:.2f} ms, / 3 workers)"
     )
-    aggregates = {f"generate_batch, waves={w}": batched[w] for w in args.waves}
+    aggregates = {f"generate_batch, waves={w or 'default'}": batched[w] for w in args.waves}
     aggregates["thread per session"] = threaded
     for label, aggregate in aggregates.items():
         single = aggregate.get(1)

@@ -160,9 +160,9 @@ def test_a_prompt_sent_in_pipelined_chunks_gives_the_same_logits(client: Distrib
     torch.testing.assert_close(logits[8], logits[0], rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("waves", [1, 2, 3], ids=["lockstep", "two-waves", "one-wave-per-hop"])
+@pytest.mark.parametrize("waves", [None, 1, 2, 3], ids=["default", "lockstep", "two-waves", "one-per-hop"])
 def test_generate_batch_gives_every_prompt_its_exact_continuation(
-    client: DistributedModelForCausalLM, reference_tokens: dict[str, list[int]], waves: int
+    client: DistributedModelForCausalLM, reference_tokens: dict[str, list[int]], waves: int | None
 ) -> None:
     streamed: dict[int, str] = {}
 
