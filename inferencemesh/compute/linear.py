@@ -23,13 +23,27 @@ the machine is oversubscribed (several workers on few cores), so it is not used.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-# torch's oneDNN linear (present in CPU builds with mkldnn); None where torch lacks it.
-_ONEDNN_LINEAR = (
-    getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-)
+
+def _onednn_linear() -> Callable[..., torch.Tensor] | None:
+    """torch's oneDNN linear for float32 on the CPU, or None where this torch build lacks it or it
+    gives a wrong product (checked once, on a column-major weight as Projection holds it)."""
+    linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if linear is None or not torch.backends.mkldnn.is_available():
+        return None
+    weight, x = torch.randn(24, 16).t().contiguous().t(), torch.randn(3, 16)
+    try:
+        product = linear(x, weight, None, "none", [], "")
+    except RuntimeError:
+        return None
+    return linear if torch.allclose(product, F.linear(x, weight), rtol=1e-4, atol=1e-4) else None
+
+
+_ONEDNN_LINEAR = _onednn_linear()
 
 
 class Projection:

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from inferencemesh.compute import linear
 from inferencemesh.compute.linear import Projection
 
 ROWS = 6  # decode batches and small prefill chunks
@@ -28,6 +29,14 @@ def test_float32_projection_takes_non_contiguous_rows(layout: str) -> None:
     weight, bias = torch.randn(96, 40), torch.randn(96)
     x = torch.randn(3, 80)[:, ::2] if layout == "strided" else torch.randn(40, 3).t()
     torch.testing.assert_close(Projection(weight, bias)(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_several_rows_use_torchs_linear_where_torch_has_no_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linear, "_ONEDNN_LINEAR", None)  # as in a torch build without mkldnn
+    torch.manual_seed(3)
+    weight, x = torch.randn(96, 40), torch.randn(ROWS, 40)
+    projection = Projection(weight)
+    assert torch.equal(projection(x), F.linear(x, projection.weight))
 
 
 def test_rows_do_not_depend_on_each_other() -> None:
