@@ -57,12 +57,35 @@ async def compute(
     return await done
 
 
+async def prefilled_sessions(
+    sched: ComputeScheduler, caches: KVCacheManager, count: int
+) -> list[SessionCache]:
+    """``count`` sessions with a 2-token prompt each, computed by ``sched``."""
+    sessions = [caches.allocate(i, 32) for i in range(count)]
+    for cache in sessions:
+        await compute(sched, cache, torch.zeros(2, HIDDEN))
+    return sessions
+
+
 def reference(span: Span, caches: KVCacheManager, prompt: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     cache = caches.allocate("reference", 32)
     span.prefill(prompt, cache)
     output = span.decode(step, [cache])
     caches.free("reference")
     return output
+
+
+def assert_each_is_the_span_output(
+    span: Span,
+    caches: KVCacheManager,
+    prompts: list[torch.Tensor],
+    steps: torch.Tensor,
+    outputs: list[torch.Tensor],
+) -> None:
+    """outputs[i] is the decode of steps[i] after prompts[i], as the span computes it alone."""
+    for i, output in enumerate(outputs):
+        expected = reference(span, caches, prompts[i], steps[i : i + 1])
+        torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("inline_budget_s", [1.0, 0.0], ids=["inline", "compute-thread"])
@@ -105,9 +128,7 @@ def test_decodes_submitted_in_one_loop_turn_run_as_one_batch(span: Span, caches:
     outputs, sched = asyncio.run(run())
     sched.stop()
     assert sched.stats.decode_batches == 1 and sched.stats.decode_tokens == 3
-    for i, output in enumerate(outputs):
-        expected = reference(span, caches, prompts[i], steps[i : i + 1])
-        torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-4)
+    assert_each_is_the_span_output(span, caches, prompts, steps, outputs)
 
 
 def test_a_batch_waits_for_active_sessions_but_no_longer_than_one_batch_takes(
@@ -115,10 +136,8 @@ def test_a_batch_waits_for_active_sessions_but_no_longer_than_one_batch_takes(
 ) -> None:
     async def run() -> float:
         sched = scheduler(span, gather_s=5.0)
-        sessions = [caches.allocate(i, 32) for i in range(2)]
+        sessions = await prefilled_sessions(sched, caches, 2)
         step = torch.zeros(1, HIDDEN)
-        for cache in sessions:
-            await compute(sched, cache, torch.zeros(2, HIDDEN))
         # Both sessions decode once, in separate batches (nothing else is active yet).
         await compute(sched, sessions[0], step)
         await compute(sched, sessions[1], step)
@@ -173,9 +192,7 @@ def test_a_burst_runs_as_one_batch_when_complete_and_other_bursts_do_not_hold_it
         return [outputs[i].result() for i in range(4)]
 
     outputs = asyncio.run(run())
-    for i, output in enumerate(outputs):
-        expected = reference(span, caches, prompts[i], steps[i : i + 1])
-        torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-4)
+    assert_each_is_the_span_output(span, caches, prompts, steps, outputs)
 
 
 def test_a_burst_missing_a_step_runs_without_it_after_one_batch_time(
@@ -183,9 +200,7 @@ def test_a_burst_missing_a_step_runs_without_it_after_one_batch_time(
 ) -> None:
     async def run() -> float:
         sched = scheduler(span, gather_s=5.0)
-        sessions = [caches.allocate(i, 32) for i in range(2)]
-        for cache in sessions:
-            await compute(sched, cache, torch.zeros(2, HIDDEN))
+        sessions = await prefilled_sessions(sched, caches, 2)
         burst = Burst(("client", 7), 3)  # the third step never comes (failed upstream)
         loop = asyncio.get_running_loop()
         started = loop.time()
