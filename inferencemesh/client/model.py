@@ -175,9 +175,9 @@ class DistributedModelForCausalLM:
         computes as one batch, and runs the LM head over all of them in one matmul. With ``waves`` > 1
         the sequences form that many groups that take turns down the chain: while the second hop
         computes one group, the first computes the next (pipeline parallelism). The default gives
-        each hop of the route a group, but no group fewer than WAVE_ROWS sequences (smaller batches
-        cost more than the overlap gains; on the 2-core test machine, 3 workers: 16 sequences in 2
-        waves +10 %, 32 in 2 waves +21-27 % and in 3 +13 %, 8 in 2 waves -5 %; docs/benchmarks.md).
+        each hop of the route a group, but no group fewer than WAVE_ROWS sequences: smaller batches
+        cost more than the overlap gains (measured in docs/benchmarks.md, "The swarm against one
+        process").
         Results are what :meth:`generate` gives each prompt alone; ``on_text(index, text)`` streams.
         """
         if waves is not None and waves < 1:

@@ -116,8 +116,9 @@ class ComputeScheduler:
         self._decode_row_s = decode_row_s
         self._prefill_token_s = prefill_token_s
         self._loop = asyncio.get_running_loop()
-        # Loop thread only: decodes waiting to run, when the first and the last of them arrived, and
-        # when each recent session (by id of its cache) last submitted work.
+        # Loop thread only: decodes waiting to run (each knows when it arrived), their bursts, when the
+        # latest arrived, the next flush, and when each recent session (by id of its cache) last
+        # submitted work.
         self._arrived: list[_Job] = []
         self._bursts: dict[Burst, _Gathering] = {}  # of the steps in _arrived
         self._last_arrival = 0.0
