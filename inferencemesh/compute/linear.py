@@ -1,4 +1,4 @@
-"""Linear layers with the weight layout that streams fastest on CPU for their dtype.
+"""Linear layers with the weight layout and kernel that run fastest on CPU for their dtype and rows.
 
 Batch-1 decode streams every weight once per token, so the matmul kernel's streaming speed is the
 decode speed. Measured on the 2-core VM (one row, cold weights; docs/benchmarks.md):
@@ -35,7 +35,9 @@ def _onednn_linear() -> Callable[..., torch.Tensor] | None:
     linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if linear is None or not torch.backends.mkldnn.is_available():
         return None
-    weight, x = torch.randn(24, 16).t().contiguous().t(), torch.randn(3, 16)
+    # Fixed values: a check at import must not draw from torch's global random generator.
+    weight = torch.linspace(-1.0, 1.0, 24 * 16).reshape(16, 24).t()  # column-major [24, 16]
+    x = torch.linspace(-2.0, 2.0, 3 * 16).reshape(3, 16)
     try:
         product = linear(x, weight, None, "none", [], "")
     except RuntimeError:
