@@ -17,6 +17,8 @@ import torch
 from inferencemesh.cli.local_swarm import LocalSwarm
 from inferencemesh.client.model import DistributedModelForCausalLM
 from inferencemesh.client.session import SessionOptions
+from inferencemesh.p2p.address import parse_host_port
+from inferencemesh.protocol.messages import MessageKind
 from tests.swarm.conftest import MAX_NEW_TOKENS, PROMPTS
 
 
@@ -176,6 +178,33 @@ def test_generate_batch_gives_every_prompt_its_exact_continuation(
         assert result.token_ids == reference_tokens[prompt], prompt
         assert streamed.get(index, "") == result.text
         assert result.decode_tokens_per_s > 0 and len(result.route) == 3
+
+
+def workers_decode_counts(client: DistributedModelForCausalLM) -> dict[str, tuple[int, int]]:
+    """Each worker of the client's route: (decode batches, decode tokens) it has computed so far."""
+    with client.inference_session(4) as session:
+        route = session.route
+    counts = {}
+    for hop in route:
+        pong = client.runtime.call(
+            client.runtime.request(
+                bytes.fromhex(hop["peer_id"]), parse_host_port(hop["address"]), MessageKind.PING, {}, 5.0
+            )
+        )
+        compute = pong.metadata["compute"]
+        counts[hop["layers"]] = (compute["decode_batches"], compute["decode_tokens"])
+    return counts
+
+
+def test_generate_batch_computes_each_round_as_one_batch_in_every_worker(
+    client: DistributedModelForCausalLM,
+) -> None:
+    before = workers_decode_counts(client)
+    client.generate_batch(PROMPTS, chat=True, max_new_tokens=6, ignore_eos=True, waves=1)
+    after = workers_decode_counts(client)
+    # 6 tokens: the first from the prompt's logits, then 5 decode rounds of 4 sequences each.
+    for layers, (batches, tokens) in after.items():
+        assert (batches - before[layers][0], tokens - before[layers][1]) == (5, 20), layers
 
 
 def test_generate_batch_refuses_zero_waves(client: DistributedModelForCausalLM) -> None:
