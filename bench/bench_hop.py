@@ -20,6 +20,7 @@ import asyncio
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -144,9 +145,15 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--evict-mb", type=int, default=128, help="bytes streamed between cold steps")
+    parser.add_argument(
+        "--model-path",
+        type=Path,
+        default=None,
+        help="a SmolLM2-135M-shaped model directory (default: the prepared SmolLM2-135M-Instruct)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    span = Span.load(prepare_model("smollm2"), 0, 1, progress=False)
+    span = Span.load(args.model_path or prepare_model("smollm2"), 0, 1, progress=False)
     evict = torch.ones(args.evict_mb << 18)
     print(f"one SmolLM2 block, fp32, {args.steps} decode steps per case, 1 torch thread")
     for label, buffer in (("warm", None), ("cold", evict), ("warm", None), ("cold", evict)):

@@ -51,7 +51,8 @@ class TransformersSession:
 
     @torch.inference_mode()
     def step(self, token_ids: list[int]) -> torch.Tensor:
-        out = self._model(torch.tensor([token_ids]), past_key_values=self._past, use_cache=True)
+        ids = torch.tensor([token_ids], device=self._model.device)
+        out = self._model(ids, past_key_values=self._past, use_cache=True)
         self._past = out.past_key_values
         return out.logits[0, -1]
 
@@ -68,7 +69,7 @@ def side_by_side(
         for name, factory in factories.items():
             session = factory()
             started = time.perf_counter()
-            session.step(prompt_ids)
+            int(session.step(prompt_ids).argmax())  # the token, as in decode: waits for a GPU
             ttft[name].append(time.perf_counter() - started)
             session.close()
     sessions = {name: factory() for name, factory in factories.items()}
@@ -203,25 +204,43 @@ def main() -> None:
     )
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot (needs matplotlib)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of every system: transformers, the engine, the workers and the client's head",
+    )
+    parser.add_argument(
+        "--model-path",
+        type=Path,
+        default=None,
+        help="a SmolLM2-135M-shaped model directory (default: the prepared SmolLM2-135M-Instruct)",
+    )
     args = parser.parse_args()
-    model_dir = prepare_model("smollm2")
+    model_dir = args.model_path or prepare_model("smollm2")
     torch.set_num_threads(args.threads)
-    print(f"torch threads: {args.threads} in this process and in each worker")
+    print(f"torch threads: {args.threads} in this process and in each worker; device: {args.device}")
 
     with tempfile.TemporaryDirectory() as logs:
         swarm = LocalSwarm(Path(logs))
         swarm.start_bootstrap()
         for layers in ("1-10", "11-20", "21-30"):
-            swarm.start_worker(layers, model_dir, "--stats-interval", "3600", "--threads", str(args.threads))
+            swarm.start_worker(
+                layers,
+                model_dir,
+                *("--stats-interval", "3600", "--threads", str(args.threads), "--device", args.device),
+            )
         try:
             swarm.wait_for_workers(3)
-            client = DistributedModelForCausalLM.from_pretrained(model_dir, [swarm.bootstrap])
+            client = DistributedModelForCausalLM.from_pretrained(
+                model_dir, [swarm.bootstrap], device=args.device
+            )
             prompt_ids = client.encode_prompt(PROMPT, chat=True)
             print(f"prompt: {len(prompt_ids)} tokens; decode: {args.decode_tokens} tokens")
             from transformers import AutoModelForCausalLM
 
-            reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-            engine = LocalModel.load(model_dir, progress=False)
+            reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            reference = reference.to(args.device).eval()
+            engine = LocalModel.load(model_dir, device=args.device, progress=False)
             length = len(prompt_ids) + args.decode_tokens + 1
             factories: dict[str, Callable[[], Session]] = {
                 "transformers": lambda: TransformersSession(reference),

@@ -40,6 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed")
     parser.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of the embeddings and LM head: cpu (default), cuda or cuda:N",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="local address to bind (default: 127.0.0.1)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=run)
@@ -64,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     stream = None if args.json else lambda text: print(text, end="", flush=True)
     try:
         with DistributedModelForCausalLM.from_pretrained(
-            args.model_path, args.bootstrap, host=args.host
+            args.model_path, args.bootstrap, device=args.device, host=args.host
         ) as model:
             result = model.generate(
                 args.prompt,

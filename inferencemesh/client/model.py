@@ -47,7 +47,7 @@ class InferenceSession:
 
     def step(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Feeds ``token_ids`` (the prompt, then one token at a time); returns float32 logits [vocab]."""
-        hidden = self._model.head.embed(list(token_ids)).to(torch.float32)
+        hidden = self._model.embed(token_ids)
         (output,) = finish_steps(self._model.runtime, [(self._remote, self._remote.begin_step(hidden))])
         self.token_ids.extend(token_ids)
         return self._model.lm_head.logits(output)[-1]
@@ -95,6 +95,7 @@ class DistributedModelForCausalLM:
         runtime: MeshRuntime,
         *,
         dtype: torch.dtype,
+        device: torch.device | str,
         options: SessionOptions,
     ) -> None:
         self.model_path = model_path
@@ -102,7 +103,7 @@ class DistributedModelForCausalLM:
         self.options = options
         self.config = ModelConfig.load(model_path)
         self.model_id = compute_model_id(model_path)
-        self.head = ClientHead.load(model_path, dtype=dtype)
+        self.head = ClientHead.load(model_path, dtype=dtype, device=device)
         self.lm_head = BatchedHead(self.head)  # shared by the sessions of all threads
         self.tokenizer = Tokenizer.load(model_path)
         self.bans = BanList()
@@ -114,13 +115,17 @@ class DistributedModelForCausalLM:
         bootstrap: Sequence[str],
         *,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
         host: str = "127.0.0.1",
         options: SessionOptions | None = None,
     ) -> DistributedModelForCausalLM:
-        """Loads the client's part of the model (embeddings, final norm, LM head) and joins the swarm."""
+        """Loads the client's part of the model (embeddings, final norm, LM head) on ``device`` and
+        joins the swarm."""
         runtime = MeshRuntime(bootstrap, host=host)
         try:
-            return cls(Path(model_path), runtime, dtype=dtype, options=options or SessionOptions())
+            return cls(
+                Path(model_path), runtime, dtype=dtype, device=device, options=options or SessionOptions()
+            )
         except BaseException:
             runtime.close()
             raise
@@ -237,9 +242,13 @@ class DistributedModelForCausalLM:
         decoding = len(inputs) > 1 and all(len(ids) == 1 for ids in inputs.values())
         burst = (self.runtime.new_burst(), len(inputs)) if decoding else None
         return {
-            index: remotes[index].begin_step(self.head.embed(ids).to(torch.float32), burst)
-            for index, ids in inputs.items()
+            index: remotes[index].begin_step(self.embed(ids), burst) for index, ids in inputs.items()
         }
+
+    def embed(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Token ids -> the hidden states a step sends: float32 in host memory, whatever the head's
+        dtype and device (workers take float32 and cast to their own dtype)."""
+        return self.head.embed(list(token_ids)).to(device="cpu", dtype=torch.float32)
 
     def _remote_session(self, max_length: int) -> RemoteSession:
         return RemoteSession(

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from inferencemesh import _core
 from inferencemesh.compute.config import ModelConfig
 from inferencemesh.compute.identity import model_id as compute_model_id
 from inferencemesh.compute.span import Span, format_block_range, parse_block_range
@@ -22,6 +23,7 @@ from inferencemesh.p2p.announcer import Announcer
 from inferencemesh.p2p.identity import Identity
 from inferencemesh.p2p.node import DHTNode
 from inferencemesh.protocol.frames import FrameLimits
+from inferencemesh.protocol.pinning import enable_cuda_pinning
 from inferencemesh.server.config import WorkerConfig
 from inferencemesh.server.scheduler import ComputeScheduler, measure_throughput
 from inferencemesh.server.service import WorkerService
@@ -93,7 +95,11 @@ class Worker:
         )
         transport = TransportConfig()
         self.endpoint = await Endpoint.start(
-            self.identity.private_seed, config.host, data_plane_port(config.port), transport
+            self.identity.private_seed,
+            config.host,
+            data_plane_port(config.port),
+            transport,
+            receive_pool(span, transport),
         )
         self.service = WorkerService(
             span=span,
@@ -216,3 +222,14 @@ class Worker:
         finally:
             signalled.cancel()
             await self.stop()
+
+
+def receive_pool(span: Span, transport: TransportConfig) -> _core.BufferPool | None:
+    """For a span on a GPU, a receive pool whose large buffers are page-locked, so that big inputs
+    (long prompts) reach the GPU by DMA without a staging copy; None (the endpoint's own pool) on a CPU."""
+    if span.device.type != "cuda":
+        return None
+    pool = _core.BufferPool(transport.pool_bytes)
+    enable_cuda_pinning(pool)
+    log.info("receive buffers of 1 MiB and more are page-locked for copies to %s", span.device)
+    return pool

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
 import torch
-from compute_models import SMOLLM2_SPLITS
+from compute_models import SMOLLM2_SPLITS, chat_ids, teacher_forced_logits, worst_errors
 
 from inferencemesh.compute.generation import LocalModel
 from inferencemesh.compute.sampling import SamplingParams
@@ -25,10 +22,6 @@ DECODE_STEPS = 32
 BF16_LOGIT_TOLERANCE = 0.25
 
 
-def chat_ids(local: LocalModel, prompt: str) -> list[int]:
-    return local.tokenizer.encode_chat([{"role": "user", "content": prompt}])
-
-
 def reference_greedy(reference, prompt_ids: list[int], eos_ids: frozenset[int]) -> list[int]:
     with torch.inference_mode():
         out = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=DECODE_STEPS, do_sample=False)
@@ -36,33 +29,9 @@ def reference_greedy(reference, prompt_ids: list[int], eos_ids: frozenset[int]) 
     return tokens[:-1] if tokens and tokens[-1] in eos_ids else tokens
 
 
-def teacher_forced_logits(
-    references: list[Any], local: LocalModel, prompt: str, steps: int = DECODE_STEPS
-) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-    """Our logits and every reference's (float64 for comparing), after the prompt and after each of
-    ``steps`` decode steps; every model is fed the first reference's greedy tokens."""
-    prompt_ids = chat_ids(local, prompt)
-    session = local.new_session(len(prompt_ids) + steps + 1)
-    caches: list[Any] = [None] * len(references)
-    tokens = prompt_ids
-    try:
-        with torch.inference_mode():
-            for _ in range(steps + 1):
-                outs = [
-                    ref(torch.tensor([tokens]), cache=c, use_cache=True)
-                    for ref, c in zip(references, caches, strict=True)
-                ]
-                caches = [out.past_key_values for out in outs]
-                theirs = [out.logits[0, -1].double() for out in outs]
-                yield session.step(tokens).double(), theirs
-                tokens = [int(theirs[0].argmax())]
-    finally:
-        session.close()
-
-
 def assert_teacher_forced_logits_match(reference, local: LocalModel, prompt: str, tolerance: float) -> None:
     """Prefill and DECODE_STEPS decode steps; both engines are fed transformers' greedy tokens."""
-    for step, (ours, (theirs,)) in enumerate(teacher_forced_logits([reference], local, prompt)):
+    for step, (ours, (theirs,)) in enumerate(teacher_forced_logits([reference], local, prompt, DECODE_STEPS)):
         assert (ours - theirs).abs().max().item() <= tolerance, f"step {step} (0: the prefill)"
 
 
@@ -83,15 +52,10 @@ def test_fp32_three_spans_match_transformers_logits(smollm2_reference, smollm2_l
 def test_fp32_logits_are_about_as_accurate_as_transformers(
     smollm2_dir, smollm2_reference, smollm2_local
 ) -> None:
-    # float64 computes the same model with ~1e-16 rounding: the closest thing to exact at hand.
     import transformers
 
     exact = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float64).eval()
-    references = [exact, smollm2_reference]
-    ours_off, theirs_off = 0.0, 0.0
-    for ours, (exact_logits, theirs) in teacher_forced_logits(references, smollm2_local, PROMPTS[0], 8):
-        ours_off = max(ours_off, (ours - exact_logits).abs().max().item())
-        theirs_off = max(theirs_off, (theirs - exact_logits).abs().max().item())
+    ours_off, theirs_off = worst_errors(exact, smollm2_reference, smollm2_local, PROMPTS[0], 8)
     # Measured: ours 9.2e-5, transformers' 4.0e-5 at most over these steps. A bad kernel is off by
     # 1e-2 or more.
     assert ours_off <= 4 * theirs_off, (ours_off, theirs_off)
