@@ -1,7 +1,8 @@
 """float32 matmuls of a few rows, every way at hand: torch's linear (MKL) on a column-major and on a
 row-major weight, ``(W @ x.T).T`` on a row-major weight (odd row counts padded to even; MKL packs
-only the input rows and streams the weight once), torch's oneDNN linear on both layouts, and
-linear.Projection, which picks among them (MKL for one row, oneDNN for several, column-major).
+only the input rows and streams the weight once), torch's oneDNN linear on both layouts, our native
+kernel (``_core.matvec_f32``, one row at a time, column-major; where the CPU has AVX-512), and
+linear.Projection, which picks among them (native for one row, else MKL; oneDNN for several).
 
 Streams 20 weights of SmolLM2's projection shapes (~64 MB, more than the L3) once per sample, one
 thread, so each matmul reads its weight from memory as in decode. Then the decode time of 10 SmolLM2
@@ -20,10 +21,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from inferencemesh.compute import linear
 from inferencemesh.compute.linear import Projection
 from inferencemesh.compute.prepare import prepare_model
 from inferencemesh.compute.span import Span
 
+matvec = linear._NATIVE_MATVEC  # None without AVX-512
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o, gate+up, down
 
 
@@ -46,6 +49,15 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
+def native_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``_core.matvec_f32`` once per row of ``x`` (column-major ``weight``)."""
+    out_features, in_features = weight.shape
+    y = torch.empty(x.shape[0], out_features)
+    for row in range(x.shape[0]):
+        matvec(weight.data_ptr(), in_features, out_features, x[row].data_ptr(), 0, y[row].data_ptr())
+    return y
+
+
 def kernels(rows_list: list[int], samples: int) -> None:
     weights = [torch.randn(*SHAPES[i % len(SHAPES)]) for i in range(20)]
     projections = [Projection(w) for w in weights]  # column-major float32
@@ -57,6 +69,8 @@ def kernels(rows_list: list[int], samples: int) -> None:
         "oneDNN col": onednn_linear,
         "oneDNN row": onednn_linear,
     }
+    if matvec is not None:
+        ways["native col"] = native_rows
     print("20 weights (~64 MB) streamed per sample, ms:")
     print(f"  {'rows':>4s} " + " ".join(f"{name:>14s}" for name in ways) + f" {'Projection':>11s}")
     for rows in rows_list:

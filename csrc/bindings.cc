@@ -1,19 +1,22 @@
-// The Python module inferencemesh._core: the data plane (frames, buffers, QUIC). Each area registers
-// its own bindings; blocking and bulk native work runs with the GIL released.
+// The Python module inferencemesh._core: the data plane (frames, buffers, QUIC) and one compute kernel
+// (csrc/matvec.h). Each area registers its own bindings; blocking and bulk native work runs with the
+// GIL released.
 #include <pybind11/pybind11.h>
 
 #include "bind_frame.h"
 
 namespace im {
+void bind_matvec(pybind11::module_& m);
 #ifdef IM_HAVE_QUIC
 void bind_quic(pybind11::module_& m);
 #endif
 }  // namespace im
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "InferenceMesh native data plane: zero-copy frames, buffer pool, QUIC endpoint.";
+  m.doc() = "InferenceMesh native data plane: zero-copy frames, buffer pool, QUIC endpoint; a float32 matvec.";
   im::bind_buffer_pool(m);
   im::bind_frame(m);
+  im::bind_matvec(m);
 #ifdef IM_HAVE_QUIC
   im::bind_quic(m);
 #endif

@@ -110,6 +110,12 @@ class LocalSwarm:
     def wait_until(self, predicate: Any, timeout: float, what: str) -> dict[str, Any]:
         """Polls the swarm status until ``predicate(status)`` holds; raises with ``what`` on timeout."""
         deadline = time.monotonic() + timeout
+        # A poll before the bootstrap node listens would wait out the DHT's RPC timeouts.
+        while "bootstrap" in self.processes and "bootstrap node ready" not in self.log("bootstrap"):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out after {timeout:.0f} s waiting for the bootstrap node")
+            time.sleep(0.05)
         while True:
             self.check_alive()
             report = self.status()

@@ -54,3 +54,53 @@ def test_reduced_precision_uses_torchs_linear(dtype: torch.dtype) -> None:
     torch.manual_seed(1)
     weight, x = torch.randn(48, 16, dtype=dtype), torch.randn(3, 16, dtype=dtype)
     assert torch.equal(Projection(weight)(x), F.linear(x, weight))
+
+
+needs_native = pytest.mark.skipif(
+    linear._NATIVE_MATVEC is None, reason="the native float32 matvec needs an x86-64 CPU with AVX-512F"
+)
+
+
+# Outputs: below, at and past a vector's 16 lanes and a 1024-output chunk; inputs: below and past a
+# group of 8 rows and a block of 64, and a down projection's 1536.
+@needs_native
+@pytest.mark.parametrize(
+    ("out_features", "in_features"), [(1, 1), (17, 7), (70, 100), (1040, 65), (96, 584), (40, 1536)]
+)
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_one_float32_row_runs_natively_within_its_rounding_bound(
+    out_features: int, in_features: int, bias: bool
+) -> None:
+    torch.manual_seed(out_features + in_features)
+    weight, x = torch.randn(out_features, in_features), torch.randn(1, in_features)
+    b = torch.randn(out_features) if bias else None
+    projection = Projection(weight, b)
+    assert projection._native_fits(x)
+    y = projection(x)
+    assert y.shape == (1, out_features) and y.dtype == torch.float32
+    exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
+    # Summing in blocks of 64, each output takes at most 64 + blocks + 1 roundings of a float32 (unit
+    # 2^-24) of at most the sum of the terms' magnitudes; a lost or doubled term is far outside.
+    magnitude = F.linear(x.abs().double(), weight.abs().double()) + (0 if b is None else b.abs().double())
+    roundings = 64 + -(-in_features // 64) + 1
+    assert ((y.double() - exact).abs() <= roundings * 2.0**-24 * magnitude).all()
+
+
+@needs_native
+def test_the_native_row_reads_a_weight_moved_to_huge_pages() -> None:
+    from inferencemesh.compute.hugepages import place_in_huge_pages
+
+    torch.manual_seed(4)
+    weight, x = torch.randn(256, 64), torch.randn(1, 64)
+    projection = Projection(weight)
+    place_in_huge_pages([projection])
+    assert projection._native_fits(x)
+    torch.testing.assert_close(projection(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_one_row_uses_torchs_linear_without_the_native_matvec(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linear, "_NATIVE_MATVEC", None)  # no native core, or a CPU without AVX-512
+    torch.manual_seed(5)
+    weight, x = torch.randn(96, 40), torch.randn(1, 40)
+    projection = Projection(weight)
+    assert torch.equal(projection(x), F.linear(x, projection.weight))

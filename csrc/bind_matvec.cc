@@ -1,0 +1,30 @@
+// pybind11 face of the float32 matrix-vector kernel. It takes raw addresses, since any per-call
+// conversion of torch tensors (DLPack, buffer protocol) costs more than a small product itself: its one
+// caller, inferencemesh.compute.linear.Projection, checks dtypes, devices, layouts and sizes.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "matvec.h"
+
+namespace im {
+
+namespace py = pybind11;
+
+void bind_matvec(py::module_& m) {
+  m.def("matvec_f32_supported", &matvec_f32_supported,
+        "Whether this CPU runs matvec_f32 (x86-64 with AVX-512F).");
+  m.def(
+      "matvec_f32",
+      [](std::uintptr_t weight_t, std::size_t in, std::size_t out, std::uintptr_t x, std::uintptr_t bias,
+         std::uintptr_t y) {
+        matvec_f32(reinterpret_cast<const float*>(weight_t), in, out, reinterpret_cast<const float*>(x),
+                   reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(y));
+      },
+      py::arg("weight_t"), py::arg("in_features"), py::arg("out_features"), py::arg("x"), py::arg("bias"),
+      py::arg("y"), py::call_guard<py::gil_scoped_release>(),
+      "Internal (inferencemesh.compute.linear): y = x @ W.T + bias for one row, from addresses of float32 "
+      "CPU memory: weight_t the contiguous [in, out] storage of W, x [in], bias [out] or 0, y [out].");
+}
+
+}  // namespace im
