@@ -174,6 +174,12 @@ class ComputeScheduler:
             return
         self._enqueue(self._prefills, [job])
 
+    def forget(self, cache: SessionCache) -> None:
+        """The session of ``cache`` has ended: its steps are no longer expected (event loop only). Without
+        this a closed session would count as active for ACTIVE_S, and the next lone session's decodes
+        would wait for its steps (measured: 1.3 ms per hop)."""
+        self._recent.pop(id(cache), None)
+
     @property
     def queued(self) -> int:
         return len(self._arrived) + len(self._decodes) + len(self._prefills)

@@ -227,6 +227,25 @@ def test_a_lone_session_never_waits(span: Span, caches: KVCacheManager) -> None:
     assert asyncio.run(run()) < 5.0  # a wait would take the whole gap
 
 
+@pytest.mark.parametrize("closed", [False, True], ids=["open", "closed"])
+def test_a_closed_session_is_not_waited_for(span: Span, caches: KVCacheManager, closed: bool) -> None:
+    async def run() -> bool:
+        sched = scheduler(span, gather_s=5.0)
+        sessions = await prefilled_sessions(sched, caches, 2)  # both active just now
+        if closed:
+            sched.forget(sessions[1])
+        step = asyncio.ensure_future(compute(sched, sessions[0], torch.zeros(1, HIDDEN)))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        ran_at_once = step.done()
+        await step
+        sched.stop()
+        return ran_at_once
+
+    # An open session's next step is expected, so the step waits for it; a closed one's never comes.
+    assert asyncio.run(run()) is closed
+
+
 def test_a_failing_job_reports_its_error_and_the_loop_goes_on(span: Span, caches: KVCacheManager) -> None:
     async def run() -> ComputeScheduler:
         sched = scheduler(span, inline_budget_s=0.0)
