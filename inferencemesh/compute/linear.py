@@ -14,6 +14,9 @@ against MKL's ~23-25 GB/s, 1.7x faster through 10 blocks, and rounds less (sums 
 inputs: 1.5e-6 against MKL's 9e-6 off a float64 product). It runs on one thread whatever torch's
 thread count. Elsewhere one row stays on MKL.
 
+On Intel CPUs MKL runs its AVX-512 code, and every float32 row stays on torch's linear (MKL): on a
+Xeon with AVX-512 it streamed one row as fast as our kernel and several faster than oneDNN.
+
 Several float32 rows (decode batches, prefill chunks) go to oneDNN instead of MKL: torch's MKL
 runs AVX2 code on AMD CPUs, oneDNN picks its kernels by instruction set and runs AVX-512 where there
 is one, and it reads the column-major weight as it lies. On the test machine (AMD EPYC with AVX-512)
@@ -34,11 +37,28 @@ import torch
 import torch.nn.functional as F
 
 
+def _mkl_runs_avx512() -> bool:
+    """Whether torch's MKL runs its AVX-512 code here: on Intel CPUs it does, and there it streams a
+    float32 row as fast as our kernel and several rows faster than oneDNN (measured on a Xeon with
+    AVX-512, docs/benchmarks.md), so every row stays on torch's linear. On other x86-64 CPUs MKL picks
+    AVX2 code whatever the CPU supports."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            return any(
+                line.split(":")[-1].strip() == "GenuineIntel" for line in cpuinfo if "vendor_id" in line
+            )
+    except OSError:
+        return False
+
+
+_MKL_RUNS_AVX512 = _mkl_runs_avx512()
+
+
 def _onednn_linear() -> Callable[..., torch.Tensor] | None:
-    """torch's oneDNN linear for float32 on the CPU, or None where this torch build lacks it or it
-    gives a wrong product (checked once, on a column-major weight as Projection holds it)."""
+    """torch's oneDNN linear for float32 on the CPU, or None where MKL runs AVX-512, this torch build
+    lacks it, or it gives a wrong product (checked once, on a column-major weight as Projection holds it)."""
     linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if linear is None or not torch.backends.mkldnn.is_available():
+    if _MKL_RUNS_AVX512 or linear is None or not torch.backends.mkldnn.is_available():
         return None
     # Fixed values: a check at import must not draw from torch's global random generator.
     weight = torch.linspace(-1.0, 1.0, 24 * 16).reshape(16, 24).t()  # column-major [24, 16]
@@ -54,13 +74,13 @@ _ONEDNN_LINEAR = _onednn_linear()
 
 
 def _native_matvec() -> Callable[..., None] | None:
-    """``_core.matvec_f32``, or None without the native core, on a CPU without AVX-512, or where it
-    gives a wrong product (checked once, with fixed values, against ``F.linear``)."""
+    """``_core.matvec_f32``, or None without the native core, where MKL runs AVX-512, on a CPU without
+    AVX-512, or where it gives a wrong product (checked once, with fixed values, against ``F.linear``)."""
     try:
         from inferencemesh import _core
     except ImportError:  # compute runs without the data plane's native module
         return None
-    if not _core.matvec_f32_supported():
+    if _MKL_RUNS_AVX512 or not _core.matvec_f32_supported():
         return None
     # 70 outputs, 100 inputs: full and masked vector lanes, a full and a partial block of inputs.
     weight = torch.linspace(-1.0, 1.0, 100 * 70).reshape(100, 70).t()  # column-major [70, 100]
