@@ -1,8 +1,8 @@
 """float32 matmuls of a few rows, every way at hand: torch's linear (MKL) on a column-major and on a
 row-major weight, ``(W @ x.T).T`` on a row-major weight (odd row counts padded to even; MKL packs
 only the input rows and streams the weight once), torch's oneDNN linear on both layouts, our native
-kernel (``_core.matvec_f32``, one row at a time, column-major; where the CPU has AVX-512), and
-linear.Projection, which picks among them (native for one row, else MKL; oneDNN for several).
+kernel (``_core.matvec_f32``, up to 2 rows at a time, column-major; where the CPU has AVX-512), and
+linear.Projection, which picks among them.
 
 Streams 20 weights of SmolLM2's projection shapes (~64 MB, more than the L3) once per sample, one
 thread, so each matmul reads its weight from memory as in decode. Then the decode time of 10 SmolLM2
@@ -26,7 +26,7 @@ from inferencemesh.compute.linear import Projection
 from inferencemesh.compute.prepare import prepare_model
 from inferencemesh.compute.span import Span
 
-matvec = linear._NATIVE_MATVEC  # None without AVX-512
+matvec, max_rows = linear._NATIVE_MATVEC, linear._NATIVE_MAX_ROWS  # None, 0 without AVX-512
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o, gate+up, down
 
 
@@ -50,11 +50,15 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def native_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``_core.matvec_f32`` once per row of ``x`` (column-major ``weight``)."""
+    """``_core.matvec_f32`` on the rows of ``x``, as many at a time as it takes (column-major
+    ``weight``)."""
     out_features, in_features = weight.shape
     y = torch.empty(x.shape[0], out_features)
-    for row in range(x.shape[0]):
-        matvec(weight.data_ptr(), in_features, out_features, x[row].data_ptr(), 0, y[row].data_ptr())
+    for first in range(0, x.shape[0], max_rows):
+        rows = min(max_rows, x.shape[0] - first)
+        matvec(
+            weight.data_ptr(), in_features, out_features, x[first].data_ptr(), rows, 0, y[first].data_ptr()
+        )
     return y
 
 

@@ -14,17 +14,19 @@ namespace py = pybind11;
 void bind_matvec(py::module_& m) {
   m.def("matvec_f32_supported", &matvec_f32_supported,
         "Whether this CPU runs matvec_f32 (x86-64 with AVX-512F).");
+  m.attr("MATVEC_MAX_ROWS") = kMatvecMaxRows;
   m.def(
       "matvec_f32",
-      [](std::uintptr_t weight_t, std::size_t in, std::size_t out, std::uintptr_t x, std::uintptr_t bias,
-         std::uintptr_t y) {
-        matvec_f32(reinterpret_cast<const float*>(weight_t), in, out, reinterpret_cast<const float*>(x),
+      [](std::uintptr_t weight_t, std::size_t in, std::size_t out, std::uintptr_t x, std::size_t rows,
+         std::uintptr_t bias, std::uintptr_t y) {
+        matvec_f32(reinterpret_cast<const float*>(weight_t), in, out, reinterpret_cast<const float*>(x), rows,
                    reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(y));
       },
-      py::arg("weight_t"), py::arg("in_features"), py::arg("out_features"), py::arg("x"), py::arg("bias"),
-      py::arg("y"), py::call_guard<py::gil_scoped_release>(),
-      "Internal (inferencemesh.compute.linear): y = x @ W.T + bias for one row, from addresses of float32 "
-      "CPU memory: weight_t the contiguous [in, out] storage of W, x [in], bias [out] or 0, y [out].");
+      py::arg("weight_t"), py::arg("in_features"), py::arg("out_features"), py::arg("x"), py::arg("rows"),
+      py::arg("bias"), py::arg("y"), py::call_guard<py::gil_scoped_release>(),
+      "Internal (inferencemesh.compute.linear): y = x @ W.T + bias for 1 or 2 rows, from addresses of "
+      "float32 CPU memory: weight_t the contiguous [in, out] storage of W, x [rows, in] and y [rows, out] "
+      "contiguous, bias [out] or 0.");
 }
 
 }  // namespace im

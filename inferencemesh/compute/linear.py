@@ -8,16 +8,17 @@ decode speed. Measured on the 2-core VM (one row, cold weights; docs/benchmarks.
 - bfloat16/float16: oneDNN streams the row-major weight 1.4x (bf16) and 10x (fp16) faster than the
   column-major one.
 
-One float32 row (batch-1 decode, the LM head of one sequence) runs on our own kernel where the CPU
-has AVX-512 (``_core.matvec_f32``, csrc/matvec.cc): it streams the column-major weight at ~40-45 GB/s
-against MKL's ~23-25 GB/s, 1.7x faster through 10 blocks, and rounds less (sums in blocks of 64
-inputs: 1.5e-6 against MKL's 9e-6 off a float64 product). It runs on one thread whatever torch's
-thread count. Elsewhere one row stays on MKL.
+One or two float32 rows (batch-1 decode, the LM head of one sequence, batches of two) run on our
+own kernel where the CPU has AVX-512 (``_core.matvec_f32``, csrc/matvec.cc): it streams the
+column-major weight at ~40-45 GB/s against MKL's ~23-25 GB/s, 1.5-1.7x faster for one row, reads it
+once for both of two rows (1.2x faster than oneDNN), and rounds less (sums in blocks of 64 inputs:
+1.5e-6 against MKL's 9e-6 off a float64 product). It runs on one thread whatever torch's thread
+count. Elsewhere one row stays on MKL.
 
 On Intel CPUs MKL runs its AVX-512 code, and every float32 row stays on torch's linear (MKL): on a
 Xeon with AVX-512 it streamed one row as fast as our kernel and several faster than oneDNN.
 
-Several float32 rows (decode batches, prefill chunks) go to oneDNN instead of MKL: torch's MKL
+More float32 rows (decode batches, prefill chunks) go to oneDNN instead of MKL: torch's MKL
 runs AVX2 code on AMD CPUs, oneDNN picks its kernels by instruction set and runs AVX-512 where there
 is one, and it reads the column-major weight as it lies. On the test machine (AMD EPYC with AVX-512)
 that is 2-2.5x faster from 2 rows up (16 rows of a 3072x576 weight: 0.28 against 0.70 ms; the
@@ -73,26 +74,29 @@ def _onednn_linear() -> Callable[..., torch.Tensor] | None:
 _ONEDNN_LINEAR = _onednn_linear()
 
 
-def _native_matvec() -> Callable[..., None] | None:
-    """``_core.matvec_f32``, or None without the native core, where MKL runs AVX-512, on a CPU without
-    AVX-512, or where it gives a wrong product (checked once, with fixed values, against ``F.linear``)."""
+def _native_matvec() -> tuple[Callable[..., None] | None, int]:
+    """``_core.matvec_f32`` and the most rows it takes, or (None, 0) without the native core, where MKL
+    runs AVX-512, on a CPU without AVX-512, or where it gives a wrong product (checked once, with fixed
+    values, against ``F.linear``)."""
     try:
         from inferencemesh import _core
     except ImportError:  # compute runs without the data plane's native module
-        return None
+        return None, 0
     if _MKL_RUNS_AVX512 or not _core.matvec_f32_supported():
-        return None
+        return None, 0
     # 70 outputs, 100 inputs: full and masked vector lanes, a full and a partial block of inputs.
     weight = torch.linspace(-1.0, 1.0, 100 * 70).reshape(100, 70).t()  # column-major [70, 100]
-    x = torch.linspace(-2.0, 2.0, 100).reshape(1, 100)
     bias = torch.linspace(0.0, 1.0, 70)
-    y = torch.empty(1, 70)
-    _core.matvec_f32(weight.data_ptr(), 100, 70, x.data_ptr(), bias.data_ptr(), y.data_ptr())
-    right = torch.allclose(y, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
-    return _core.matvec_f32 if right else None
+    for rows in range(1, _core.MATVEC_MAX_ROWS + 1):
+        x = torch.linspace(-2.0, 2.0, rows * 100).reshape(rows, 100)
+        y = torch.empty(rows, 70)
+        _core.matvec_f32(weight.data_ptr(), 100, 70, x.data_ptr(), rows, bias.data_ptr(), y.data_ptr())
+        if not torch.allclose(y, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5):
+            return None, 0
+    return _core.matvec_f32, _core.MATVEC_MAX_ROWS
 
 
-_NATIVE_MATVEC = _native_matvec()
+_NATIVE_MATVEC, _NATIVE_MAX_ROWS = _native_matvec()
 
 
 class Projection:
@@ -107,7 +111,7 @@ class Projection:
             self.weight = weight.contiguous()
         float32_on_cpu = weight.dtype == torch.float32 and weight.device.type == "cpu"
         self._onednn_rows = _ONEDNN_LINEAR is not None and float32_on_cpu
-        self._native_row = _NATIVE_MATVEC is not None and float32_on_cpu
+        self._native_rows = _NATIVE_MAX_ROWS if float32_on_cpu else 0  # the most rows it runs natively
 
     @property
     def dtype(self) -> torch.dtype:
@@ -122,30 +126,38 @@ class Projection:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] > 1:
-            if self._onednn_rows:
-                return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
-        elif self._native_row and self._native_fits(x):
-            return self._native(x)
+        rows = x.shape[0] if x.dim() == 2 else 1
+        if rows <= self._native_rows and self._native_fits(x):
+            return self._native(x, rows)
+        if rows > 1 and self._onednn_rows and x.dim() == 2:
+            return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
     def _native_fits(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` and the weight are as ``_core.matvec_f32`` reads them: one contiguous float32
-        CPU row, and a column-major weight (also after place_in_huge_pages replaced its storage)."""
+        """Whether ``x`` and the weight are as ``_core.matvec_f32`` reads them: contiguous float32 CPU
+        rows (``[in]`` or ``[rows, in]``), and a column-major weight (also after place_in_huge_pages
+        replaced its storage)."""
         return (
             x.dtype == torch.float32
             and x.device.type == "cpu"
+            and x.dim() in (1, 2)
             and x.shape[-1] == self.in_features
             and x.is_contiguous()
             and self.weight.stride() == (1, self.out_features)
             and (self.bias is None or (self.bias.dtype == torch.float32 and self.bias.is_contiguous()))
         )
 
-    def _native(self, x: torch.Tensor) -> torch.Tensor:
+    def _native(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         y = x.new_empty(*x.shape[:-1], self.out_features)
         bias = 0 if self.bias is None else self.bias.data_ptr()
-        _NATIVE_MATVEC(
-            self.weight.data_ptr(), self.in_features, self.out_features, x.data_ptr(), bias, y.data_ptr()
+        _NATIVE_MATVEC(  # type: ignore[misc]
+            self.weight.data_ptr(),
+            self.in_features,
+            self.out_features,
+            x.data_ptr(),
+            rows,
+            bias,
+            y.data_ptr(),
         )
         return y
 

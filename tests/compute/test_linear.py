@@ -68,16 +68,17 @@ needs_native = pytest.mark.skipif(
     ("out_features", "in_features"), [(1, 1), (17, 7), (70, 100), (1040, 65), (96, 584), (40, 1536)]
 )
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-def test_one_float32_row_runs_natively_within_its_rounding_bound(
-    out_features: int, in_features: int, bias: bool
+@pytest.mark.parametrize("rows", [1, 2])
+def test_one_or_two_float32_rows_run_natively_within_their_rounding_bound(
+    out_features: int, in_features: int, bias: bool, rows: int
 ) -> None:
     torch.manual_seed(out_features + in_features)
-    weight, x = torch.randn(out_features, in_features), torch.randn(1, in_features)
+    weight, x = torch.randn(out_features, in_features), torch.randn(rows, in_features)
     b = torch.randn(out_features) if bias else None
     projection = Projection(weight, b)
-    assert projection._native_fits(x)
+    assert rows <= projection._native_rows and projection._native_fits(x)
     y = projection(x)
-    assert y.shape == (1, out_features) and y.dtype == torch.float32
+    assert y.shape == (rows, out_features) and y.dtype == torch.float32
     exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
     # Summing in blocks of 64, each output takes at most 64 + blocks + 1 roundings of a float32 (unit
     # 2^-24) of at most the sum of the terms' magnitudes; a lost or doubled term is far outside.
@@ -99,7 +100,9 @@ def test_the_native_row_reads_a_weight_moved_to_huge_pages() -> None:
 
 
 def test_one_row_uses_torchs_linear_without_the_native_matvec(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(linear, "_NATIVE_MATVEC", None)  # no native core, or a CPU without AVX-512
+    # No native core, or a CPU without AVX-512 (or an Intel CPU: MKL runs AVX-512 there).
+    monkeypatch.setattr(linear, "_NATIVE_MATVEC", None)
+    monkeypatch.setattr(linear, "_NATIVE_MAX_ROWS", 0)
     torch.manual_seed(5)
     weight, x = torch.randn(96, 40), torch.randn(1, 40)
     projection = Projection(weight)
