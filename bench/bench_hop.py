@@ -10,7 +10,7 @@ Two parts of that cost on their own: encoding and decoding a STEP frame, warm an
 process waking another (a pipe round trip between two processes, on one CPU and across two, back to
 back and after both slept 5 ms).
 
-    python bench/bench_hop.py [--steps 200] [--evict-mb 128]
+    python bench/bench_hop.py [--steps 200] [--evict-mb 128] [--model-path DIR]
 """
 
 from __future__ import annotations

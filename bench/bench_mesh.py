@@ -14,6 +14,7 @@ two ways: by one client's ``generate_batch`` (each round sends every session's s
 one thread per session (independent users of one client).
 
     python bench/bench_mesh.py [--decode-tokens 64] [--sessions 1 4 16] [--plot docs/bench-mesh.png]
+        [--device cpu|cuda] [--model-path DIR]   # DIR: a SmolLM2-135M-shaped model (tools/random_smollm2.py)
 """
 
 from __future__ import annotations
