@@ -97,6 +97,10 @@ def _native_matvec() -> tuple[Callable[..., None] | None, int]:
 
 
 _NATIVE_MATVEC, _NATIVE_MAX_ROWS = _native_matvec()
+# The kernel runs on one thread. With one or two torch threads it beats MKL on this AMD CPU (two MKL
+# threads stream ~1.25x one); a process given more threads keeps torch's multi-threaded kernels, which
+# can draw on more of a big machine's memory bandwidth than one core.
+NATIVE_MAX_THREADS = 2
 
 
 class Projection:
@@ -127,7 +131,11 @@ class Projection:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0] if x.dim() == 2 else 1
-        if rows <= self._native_rows and self._native_fits(x):
+        if (
+            rows <= self._native_rows
+            and torch.get_num_threads() <= NATIVE_MAX_THREADS
+            and self._native_fits(x)
+        ):
             return self._native(x, rows)
         if rows > 1 and self._onednn_rows and x.dim() == 2:
             return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")

@@ -99,6 +99,24 @@ def test_the_native_row_reads_a_weight_moved_to_huge_pages() -> None:
     torch.testing.assert_close(projection(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
 
 
+@needs_native
+def test_many_torch_threads_keep_torchs_multi_threaded_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(6)
+    weight, x = torch.randn(96, 40), torch.randn(1, 40)
+    projection = Projection(weight)
+    calls = []
+    monkeypatch.setattr(linear, "_NATIVE_MATVEC", lambda *args: calls.append(args))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(linear.NATIVE_MAX_THREADS + 1)
+    try:
+        y = projection(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [] and torch.equal(y, F.linear(x, projection.weight))
+    projection(x)  # back within the limit: the native kernel again
+    assert len(calls) == 1
+
+
 def test_one_row_uses_torchs_linear_without_the_native_matvec(monkeypatch: pytest.MonkeyPatch) -> None:
     # No native core, or a CPU without AVX-512 (or an Intel CPU: MKL runs AVX-512 there).
     monkeypatch.setattr(linear, "_NATIVE_MATVEC", None)
