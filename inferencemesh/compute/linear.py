@@ -12,13 +12,13 @@ One or two float32 rows (batch-1 decode, the LM head of one sequence, batches of
 own kernel where the CPU has AVX-512 (``_core.matvec_f32``, csrc/matvec.cc): it streams the
 column-major weight at ~40-45 GB/s against MKL's ~23-25 GB/s, 1.5-1.7x faster for one row, reads it
 once for both of two rows (1.2x faster than oneDNN), and rounds less (sums in blocks of 64 inputs:
-1.5e-6 against MKL's 9e-6 off a float64 product). It runs on one thread whatever torch's thread
-count. Elsewhere one row stays on MKL.
+1.5e-6 against MKL's 9e-6 off a float64 product). It runs on one thread, so it is used while torch
+runs at most NATIVE_MAX_THREADS threads. Elsewhere one row stays on MKL.
 
 On Intel CPUs MKL runs its AVX-512 code, and every float32 row stays on torch's linear (MKL): on a
 Xeon with AVX-512 it streamed one row as fast as our kernel and several faster than oneDNN.
 
-More float32 rows (decode batches, prefill chunks) go to oneDNN instead of MKL: torch's MKL
+Three or more float32 rows (decode batches, prefill chunks) go to oneDNN instead of MKL: torch's MKL
 runs AVX2 code on AMD CPUs, oneDNN picks its kernels by instruction set and runs AVX-512 where there
 is one, and it reads the column-major weight as it lies. On the test machine (AMD EPYC with AVX-512)
 that is 2-2.5x faster from 2 rows up (16 rows of a 3072x576 weight: 0.28 against 0.70 ms; the
@@ -115,7 +115,10 @@ class Projection:
             self.weight = weight.contiguous()
         float32_on_cpu = weight.dtype == torch.float32 and weight.device.type == "cpu"
         self._onednn_rows = _ONEDNN_LINEAR is not None and float32_on_cpu
-        self._native_rows = _NATIVE_MAX_ROWS if float32_on_cpu else 0  # the most rows it runs natively
+        # The most rows the native kernel takes: it reads the column-major float32 weight made above
+        # (place_in_huge_pages keeps its strides) and a contiguous float32 bias.
+        native = float32_on_cpu and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+        self._native_rows = _NATIVE_MAX_ROWS if native else 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -142,17 +145,14 @@ class Projection:
         return F.linear(x, self.weight, self.bias)
 
     def _native_fits(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` and the weight are as ``_core.matvec_f32`` reads them: contiguous float32 CPU
-        rows (``[in]`` or ``[rows, in]``), and a column-major weight (also after place_in_huge_pages
-        replaced its storage)."""
+        """Whether ``x`` is as ``_core.matvec_f32`` reads it: contiguous float32 CPU rows (``[in]`` or
+        ``[rows, in]``). Checked on every call, since the kernel reads raw memory."""
         return (
             x.dtype == torch.float32
-            and x.device.type == "cpu"
+            and x.is_cpu
             and x.dim() in (1, 2)
             and x.shape[-1] == self.in_features
             and x.is_contiguous()
-            and self.weight.stride() == (1, self.out_features)
-            and (self.bias is None or (self.bias.dtype == torch.float32 and self.bias.is_contiguous()))
         )
 
     def _native(self, x: torch.Tensor, rows: int) -> torch.Tensor:
