@@ -30,6 +30,7 @@ class SessionCache:
     values: torch.Tensor
     length: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    freed: bool = False  # set when its manager frees it: the session has ended
 
     @property
     def max_length(self) -> int:
@@ -135,6 +136,7 @@ class KVCacheManager:
         """Releases a session's cache; freeing an unknown (e.g. already expired) session is a no-op."""
         cache = self._sessions.pop(session_id, None)
         if cache is not None:
+            cache.freed = True
             self._reserved_bytes -= cache.max_length * self.bytes_per_token
 
     def free_idle(self, max_idle_s: float, now: float | None = None) -> list[Hashable]:

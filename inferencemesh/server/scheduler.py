@@ -5,7 +5,7 @@ a callback on that thread. Decode steps (one token) of all sessions that arrived
 loop turn run as one batched forward (continuous batching: sessions join and leave between batches).
 
 When it runs: a decode batch waits for more steps while they keep arriving (no gap longer than
-``gather_s``) from sessions that submitted work in the last ACTIVE_S, up to one batch's compute time.
+``gather_s``) from open sessions that submitted work in the last ACTIVE_S, up to one batch's compute time.
 A client stepping many sessions sends their steps as a burst; without the wait the first one or two
 would run alone and split the burst into small batches at every hop, each streaming all weights.
 A lone session never waits: its decode runs as soon as it arrives, not even at the end of the loop
@@ -29,6 +29,7 @@ import collections
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
@@ -123,7 +124,7 @@ class ComputeScheduler:
         self._bursts: dict[Burst, _Gathering] = {}  # of the steps in _arrived
         self._last_arrival = 0.0
         self._pending_flush: asyncio.Handle | None = None  # call_soon or call_later of _flush
-        self._recent: dict[int, float] = {}
+        self._recent: dict[int, tuple[weakref.ref[SessionCache], float]] = {}
         self._pruned_at = 0.0
         self._decode_batch_s = decode_row_s
         self._inline_spent = 0.0  # inline compute time in this loop turn
@@ -145,7 +146,7 @@ class ComputeScheduler:
             raise RuntimeError("the compute loop has stopped")
         job = _Job(cache, hidden, done, burst)
         others_active = self._others_active(id(cache))
-        self._recent[id(cache)] = time.perf_counter()
+        self._recent[id(cache)] = (weakref.ref(cache), time.perf_counter())
         if hidden.shape[0] == 1:
             job.arrived = self._last_arrival = time.perf_counter()
             self._arrived.append(job)
@@ -173,12 +174,6 @@ class ComputeScheduler:
             _settle(job, output, error)
             return
         self._enqueue(self._prefills, [job])
-
-    def forget(self, cache: SessionCache) -> None:
-        """The session of ``cache`` has ended: its steps are no longer expected (event loop only). Without
-        this a closed session would count as active for ACTIVE_S, and the next lone session's decodes
-        would wait for its steps (measured: 1.3 ms per hop)."""
-        self._recent.pop(id(cache), None)
 
     @property
     def queued(self) -> int:
@@ -278,12 +273,24 @@ class ComputeScheduler:
         self._inline_spent = 0.0
 
     def _others_active(self, key: int) -> bool:
-        """Whether a session other than ``key`` submitted work in the last ACTIVE_S."""
+        """Whether a session other than ``key`` may send a step soon."""
         now = time.perf_counter()
         if now - self._pruned_at > ACTIVE_S:  # forget sessions gone quiet, once per ACTIVE_S
-            self._recent = {other: at for other, at in self._recent.items() if now - at < ACTIVE_S}
+            self._recent = {
+                other: entry for other, entry in self._recent.items() if now - entry[1] < ACTIVE_S
+            }
             self._pruned_at = now
-        return any(other != key and now - at < ACTIVE_S for other, at in self._recent.items())
+        return self._expected(now, {key}) > 0
+
+    def _expected(self, now: float, excluding: set[int]) -> int:
+        """Sessions, other than ``excluding`` (ids of caches), that submitted work in the last ACTIVE_S
+        and are still open. A closed session's cache is freed: without that check, a session opened
+        right after another closed waited for the closed one's steps at every hop (1.3 ms a hop)."""
+        return sum(
+            1
+            for key, (cache, at) in self._recent.items()
+            if key not in excluding and now - at < ACTIVE_S and _open(cache)
+        )
 
     def _gather_wait(self, ready: list[_Job], now: float) -> float:
         """How much longer the ``ready`` decodes should wait for more to join them (0: run now).
@@ -292,9 +299,7 @@ class ComputeScheduler:
         steps alone wait while steps of other recently active sessions keep arriving."""
         if not ready or self.gather_s <= 0 or any(job.burst is not None for job in ready):
             return 0.0
-        waiting = {id(job.cache) for job in ready}
-        expected = sum(now - at < ACTIVE_S for key, at in self._recent.items() if key not in waiting)
-        if expected == 0 or len(ready) >= self.max_batch:
+        if len(ready) >= self.max_batch or self._expected(now, {id(job.cache) for job in ready}) == 0:
             return 0.0
         quiet_until = self._last_arrival + self.gather_s
         deadline = ready[0].arrived + self._decode_batch_s
@@ -396,3 +401,9 @@ def measure_throughput(span: Span, prompt_tokens: int = 64, decode_steps: int = 
         span.decode(hidden[:1], [cache])
     decode_tps = decode_steps / (time.perf_counter() - started)
     return decode_tps, prefill_tps
+
+
+def _open(cache: weakref.ref[SessionCache]) -> bool:
+    """Whether the session of a weakly held cache is still open (its manager has not freed it)."""
+    live = cache()
+    return live is not None and not live.freed

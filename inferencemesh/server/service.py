@@ -168,10 +168,9 @@ class WorkerService:
         return encode_message(MessageKind.SESSION_OPENED, message.request_id, reply)
 
     async def _close_session(self, peer_id: bytes, message: Message) -> Any:
-        session = self.sessions.close(
+        self.sessions.close(
             peer_id, _field(message.metadata, "session_id", bytes), _field(message.metadata, "token", bytes)
         )
-        self.scheduler.forget(session.cache)
         return encode_message(MessageKind.SESSION_CLOSED, message.request_id, {})
 
     async def _forward(self, peer_id: bytes, message: Message) -> Any:

@@ -142,10 +142,9 @@ class SessionRegistry:
             raise UnknownSession("unknown session (never opened, closed, expired, or not yours)")
         return session
 
-    def close(self, client: bytes, session_id: bytes, token: bytes) -> ServerSession:
+    def close(self, client: bytes, session_id: bytes, token: bytes) -> None:
         session = self.get(client, session_id, token)
         self._drop(session, "closed")
-        return session
 
     def expire_idle(self, max_idle_s: float) -> int:
         expired = self.caches.free_idle(max_idle_s)

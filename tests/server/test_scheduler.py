@@ -67,6 +67,15 @@ async def prefilled_sessions(
     return sessions
 
 
+async def gathering_with_two_sessions(
+    span: Span, caches: KVCacheManager
+) -> tuple[ComputeScheduler, list[SessionCache]]:
+    """A scheduler that would hold loose steps up to 5 s for others to join them, and two sessions it
+    has just prefilled (so both count as active)."""
+    sched = scheduler(span, gather_s=5.0)
+    return sched, await prefilled_sessions(sched, caches, 2)
+
+
 def reference(span: Span, caches: KVCacheManager, prompt: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     cache = caches.allocate("reference", 32)
     span.prefill(prompt, cache)
@@ -135,8 +144,7 @@ def test_a_batch_waits_for_active_sessions_but_no_longer_than_one_batch_takes(
     span: Span, caches: KVCacheManager
 ) -> None:
     async def run() -> float:
-        sched = scheduler(span, gather_s=5.0)
-        sessions = await prefilled_sessions(sched, caches, 2)
+        sched, sessions = await gathering_with_two_sessions(span, caches)
         step = torch.zeros(1, HIDDEN)
         # Both sessions decode once, in separate batches (nothing else is active yet).
         await compute(sched, sessions[0], step)
@@ -199,8 +207,7 @@ def test_a_burst_missing_a_step_runs_without_it_after_one_batch_time(
     span: Span, caches: KVCacheManager
 ) -> None:
     async def run() -> float:
-        sched = scheduler(span, gather_s=5.0)
-        sessions = await prefilled_sessions(sched, caches, 2)
+        sched, sessions = await gathering_with_two_sessions(span, caches)
         burst = Burst(("client", 7), 3)  # the third step never comes (failed upstream)
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -230,10 +237,9 @@ def test_a_lone_session_never_waits(span: Span, caches: KVCacheManager) -> None:
 @pytest.mark.parametrize("closed", [False, True], ids=["open", "closed"])
 def test_a_closed_session_is_not_waited_for(span: Span, caches: KVCacheManager, closed: bool) -> None:
     async def run() -> bool:
-        sched = scheduler(span, gather_s=5.0)
-        sessions = await prefilled_sessions(sched, caches, 2)  # both active just now
+        sched, sessions = await gathering_with_two_sessions(span, caches)
         if closed:
-            sched.forget(sessions[1])
+            caches.free(1)  # as closing a session, expiring it or shutting down does
         step = asyncio.ensure_future(compute(sched, sessions[0], torch.zeros(1, HIDDEN)))
         await asyncio.sleep(0)
         await asyncio.sleep(0)
