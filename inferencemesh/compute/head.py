@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from inferencemesh.compute.blocks import rms_norm
 from inferencemesh.compute.config import ModelConfig
+from inferencemesh.compute.devices import resolve_device
 from inferencemesh.compute.errors import InvalidModelDirectory
 from inferencemesh.compute.hugepages import place_in_huge_pages
 from inferencemesh.compute.linear import Projection
@@ -46,6 +47,7 @@ class ClientHead:
         cls, model_dir: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
     ) -> ClientHead:
         """Reads only the embedding, final norm and (when not tied) LM head tensors."""
+        device = resolve_device(device)
         config = ModelConfig.load(model_dir)
         files = WeightFiles(model_dir)
         norm = files.load(FINAL_NORM, dtype, device)

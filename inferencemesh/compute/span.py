@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from inferencemesh.compute.blocks import BlockWeights, block_tensor_names, load_block, rms_norm
 from inferencemesh.compute.config import ModelConfig
+from inferencemesh.compute.devices import resolve_device
 from inferencemesh.compute.errors import InvalidSpan
 from inferencemesh.compute.hugepages import place_in_huge_pages
 from inferencemesh.compute.kv_cache import KVCacheManager, SessionCache
@@ -88,6 +89,7 @@ class Span:
     ) -> Span:
         """Reads only the tensors of blocks ``[start, end)`` from ``model_dir``; on the CPU their
         weights go to huge pages unless ``huge_pages`` is False (see compute/hugepages.py)."""
+        device = resolve_device(device)
         config = ModelConfig.load(model_dir)
         check_span(start, end, config.num_layers)
         files = WeightFiles(model_dir)

@@ -132,3 +132,21 @@ def test_cache_overflow_and_bad_inputs(tiny) -> None:
         span.decode(torch.zeros(2, 64), [other])
     with pytest.raises(ValueError, match="twice"):
         span.decode(torch.zeros(2, 64), [other, other])
+
+
+def test_a_device_this_machine_lacks_is_refused_with_what_to_use_instead(smollm2_dir: Path) -> None:
+    from inferencemesh.compute.devices import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    for unknown in ("tpu", "gpu0"):
+        with pytest.raises(ValueError, match="use cpu, cuda or cuda:N"):
+            Span.load(smollm2_dir, 0, 1, device=unknown, progress=False)
+    if not torch.cuda.is_available():
+        for device in ("cuda", "cuda:0"):
+            with pytest.raises(ValueError, match="sees no CUDA GPU; use --device cpu"):
+                Span.load(smollm2_dir, 0, 1, device=device, progress=False)
+            with pytest.raises(ValueError, match="sees no CUDA GPU"):
+                ClientHead.load(smollm2_dir, device=device)
+    else:
+        with pytest.raises(ValueError, match="CUDA GPU\\(s\\)"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")

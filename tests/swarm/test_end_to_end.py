@@ -135,6 +135,16 @@ def test_client_without_a_swarm_says_which_blocks_are_missing(smollm2_dir: Path,
     assert "no live worker serves layers 11-30" in done.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_worker_and_client_on_a_missing_gpu_say_to_use_the_cpu(smollm2_dir: Path) -> None:
+    common = ["--bootstrap", "127.0.0.1:9", "--model-path", str(smollm2_dir), "--device", "cuda"]
+    worker = run_cli("worker", *common, "--layers", "1-10", "--port", "47390", timeout=60)
+    client = run_cli("client", *common, "--prompt", "hi", timeout=60)
+    for done in (worker, client):
+        assert done.returncode == 1
+        assert "sees no CUDA GPU; use --device cpu" in done.stderr
+
+
 def test_demo_answers_and_shuts_every_process_down(smollm2_dir: Path) -> None:
     done = run_cli("demo", "--max-new-tokens", "16", timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
