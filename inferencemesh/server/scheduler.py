@@ -280,16 +280,15 @@ class ComputeScheduler:
                 other: entry for other, entry in self._recent.items() if now - entry[1] < ACTIVE_S
             }
             self._pruned_at = now
-        return self._expected(now, {key}) > 0
+        return self._expects_others(now, {key})
 
-    def _expected(self, now: float, excluding: set[int]) -> int:
-        """Sessions, other than ``excluding`` (ids of caches), that submitted work in the last ACTIVE_S
-        and are still open. A closed session's cache is freed: without that check, a session opened
-        right after another closed waited for the closed one's steps at every hop (1.3 ms a hop)."""
-        return sum(
-            1
+    def _expects_others(self, now: float, excluding: set[int]) -> bool:
+        """Whether a session other than ``excluding`` (ids of caches) submitted work in the last
+        ACTIVE_S and is still open. A closed session's cache is freed: without that check, a session
+        opened right after another closed waited for the closed one's steps at every hop (1.3 ms a hop)."""
+        return any(
+            key not in excluding and now - at < ACTIVE_S and _open(cache)
             for key, (cache, at) in self._recent.items()
-            if key not in excluding and now - at < ACTIVE_S and _open(cache)
         )
 
     def _gather_wait(self, ready: list[_Job], now: float) -> float:
@@ -299,7 +298,7 @@ class ComputeScheduler:
         steps alone wait while steps of other recently active sessions keep arriving."""
         if not ready or self.gather_s <= 0 or any(job.burst is not None for job in ready):
             return 0.0
-        if len(ready) >= self.max_batch or self._expected(now, {id(job.cache) for job in ready}) == 0:
+        if len(ready) >= self.max_batch or not self._expects_others(now, {id(job.cache) for job in ready}):
             return 0.0
         quiet_until = self._last_arrival + self.gather_s
         deadline = ready[0].arrived + self._decode_batch_s
