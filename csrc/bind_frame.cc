@@ -367,7 +367,17 @@ void bind_frame(py::module_& m) {
              write_frame(f.frame, buf->data(), buf->size());
              return buf;
            },
-           py::arg("pool"), "Writes the frame into one pooled buffer.");
+           py::arg("pool"), "Writes the frame into one pooled buffer.")
+      .def("set_request_id",
+           [](PyEncodedFrame& f, uint64_t request_id) {
+             if (f.handed_to_transport) {
+               throw py::value_error("the frame was handed to the transport: its bytes may still be resent");
+             }
+             f.frame.set_request_id(request_id);
+           },
+           py::arg("request_id"),
+           "Rewrites the request id in the header, for a frame encoded before its id was known; only "
+           "until the frame is sent (ValueError after: QUIC may resend its bytes until acknowledged).");
 
   m.def("encode_frame", &encode, py::arg("kind"), py::arg("request_id"), py::arg("metadata"), py::arg("tensors"),
         py::arg("flags") = 0, py::arg("max_frame_size") = kDefaultMaxFrameSize,

@@ -22,6 +22,7 @@ struct PyEncodedFrame {
   std::vector<py::object> owners;
   std::vector<Py_buffer> views;  // buffer-protocol exports, released with the frame
   std::vector<int64_t> shapes;   // flattened shapes of tensors that came through the buffer protocol
+  bool handed_to_transport = false;  // its bytes may be (re)sent from now on: no more rewriting
 
   PyEncodedFrame() = default;
   PyEncodedFrame(const PyEncodedFrame&) = delete;

@@ -222,6 +222,8 @@ void EncodedFrame::write_to(uint8_t* out, size_t capacity) const {
   }
 }
 
+void EncodedFrame::set_request_id(uint64_t request_id) noexcept { store<uint64_t>(head_.data() + 8, request_id); }
+
 EncodedFrame encode_frame(uint8_t kind, uint16_t flags, uint64_t request_id, const uint8_t* metadata,
                           size_t metadata_len, const TensorRef* tensors, size_t tensor_count,
                           const FrameLimits& limits) {

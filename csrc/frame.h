@@ -133,6 +133,8 @@ class EncodedFrame {
   const std::vector<Segment>& segments() const noexcept { return segments_; }
   // Writes the whole frame contiguously into `out`; throws kBufferTooSmall when it does not fit.
   void write_to(uint8_t* out, size_t capacity) const;
+  // Rewrites the header's request id (a frame encoded before its id was known).
+  void set_request_id(uint64_t request_id) noexcept;
 
  private:
   friend EncodedFrame encode_frame(uint8_t, uint16_t, uint64_t, const uint8_t*, size_t,

@@ -101,6 +101,7 @@ OutFrame to_out_frame(const py::object& obj) {
   OutFrame out;
   if (py::isinstance<PyEncodedFrame>(obj)) {
     auto frame = obj.cast<std::shared_ptr<PyEncodedFrame>>();
+    frame->handed_to_transport = true;
     out.segments = frame->frame.segments();
     out.size = frame->frame.size();
     out.keepalive = frame;
@@ -290,6 +291,14 @@ void bind_quic(py::module_& m) {
       .def_property_readonly("port", [](PyEndpoint& e) { return e.endpoint().port(); })
       .def_property_readonly("local_address", [](PyEndpoint& e) { return e.endpoint().local_address().to_string(); })
       .def_property_readonly("event_fd", &PyEndpoint::fd)
+      .def_property_readonly("socket_fd", [](PyEndpoint& e) { return e.endpoint().socket_fd(); })
+      .def("receive_on_consumer_thread",
+           [](PyEndpoint& e, bool on) { e.endpoint().receive_on_consumer_thread(on); }, py::arg("on"),
+           py::call_guard<py::gil_scoped_release>(),
+           "True: the I/O thread leaves incoming datagrams to the thread that calls receive() when socket_fd "
+           "is readable (one wake-up per message instead of two); False: the I/O thread reads them.")
+      .def("receive", [](PyEndpoint& e) { e.endpoint().receive(); }, py::call_guard<py::gil_scoped_release>(),
+           "Reads the datagrams waiting on the socket; their events are in the next poll().")
       .def(
           "request",
           [](PyEndpoint& e, uint64_t token, const py::bytes& peer, const std::optional<std::string>& host,

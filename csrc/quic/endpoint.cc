@@ -523,11 +523,32 @@ void Endpoint::write_all(uint64_t now) {
   }
   if (tx_.blocked() != want_writable_) {
     want_writable_ = tx_.blocked();
-    epoll_event ev{};
-    ev.events = EPOLLIN | (want_writable_ ? EPOLLOUT : 0u);
-    ev.data.fd = socket_.fd();
-    epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, socket_.fd(), &ev);
+    watch_socket();
   }
+}
+
+void Endpoint::watch_socket() {
+  epoll_event ev{};
+  ev.events = (io_reads_ ? EPOLLIN : 0u) | (want_writable_ ? EPOLLOUT : 0u);
+  ev.data.fd = socket_.fd();
+  epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, socket_.fd(), &ev);
+}
+
+void Endpoint::receive_on_consumer_thread(bool on) {
+  std::lock_guard<std::mutex> engine(engine_);
+  if (io_reads_ == !on) return;
+  io_reads_ = !on;
+  watch_socket();  // with datagrams waiting, this wakes the I/O thread to read them at once
+}
+
+void Endpoint::receive() {
+  std::lock_guard<std::mutex> engine(engine_);
+  t_engine = this;
+  read_socket(now_ns());
+  // A connection that delivered a message holds its ACK for the reply (kAckHold): this writes only
+  // what cannot wait (e.g. more data after an ACK opened the window) and re-arms the timer.
+  turn();
+  t_engine = nullptr;
 }
 
 void Endpoint::reap(uint64_t now) {

@@ -41,6 +41,9 @@ from inferencemesh.compute.span import Span
 log = logging.getLogger(__name__)
 
 ACTIVE_S = 1.0  # a session that submitted work this recently is expected to send more
+# Inline work expected to take this long lends the socket to the transport's I/O thread meanwhile
+# (``busy``); shorter work keeps it: lending and taking it back cost ~20 us of the step's way.
+LEND_SOCKET_S = 0.010
 
 # done(output, None) or done(None, error), called on the event loop thread.
 Done = Callable[[torch.Tensor | None, BaseException | None], None]
@@ -104,16 +107,21 @@ class ComputeScheduler:
         gather_s: float,
         decode_row_s: float,
         prefill_token_s: float,
+        busy: Callable[[bool], None] | None = None,
     ) -> None:
         """Binds to the running event loop (create it there). ``decode_row_s`` and ``prefill_token_s``
         seed the cost estimates that decide what runs inline (e.g. from :func:`measure_throughput`);
-        measured times refine them as work runs."""
+        measured times refine them as work runs. ``busy(True)`` is called before work expected to
+        take LEND_SOCKET_S or longer runs on the loop's thread, and ``busy(False)`` after (the
+        worker's endpoint reads the socket on its I/O thread meanwhile: ``Endpoint.set_busy``)."""
         self.span = span
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.inline_budget_s = inline_budget_s
         self.gather_s = gather_s
         self.stats = ComputeStats()
+        self._busy = busy
+        self._lent = False  # busy(True) was called for the inline work running now
         self._decode_row_s = decode_row_s
         self._prefill_token_s = prefill_token_s
         self._loop = asyncio.get_running_loop()
@@ -259,10 +267,16 @@ class ComputeScheduler:
             return False
         if not self._computing.acquire(blocking=False):
             return False  # the compute thread is busy: queue behind its work
+        if self._busy is not None and expected_s >= LEND_SOCKET_S:
+            self._busy(True)
+            self._lent = True
         self._inline_started = time.perf_counter()
         return True
 
     def _end_inline(self) -> None:
+        if self._lent and self._busy is not None:
+            self._busy(False)
+            self._lent = False
         self._computing.release()
         self.stats.inline_jobs += 1
         if self._inline_spent == 0.0:

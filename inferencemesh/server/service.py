@@ -58,17 +58,35 @@ MAX_CHAIN_HOPS = 64
 MAX_QUEUED_STEPS = 64  # steps of one session waiting for their turn
 MAX_BURST = 4096  # most steps a client may announce as one burst
 REORDER_WAIT_S = 2.0  # how long a step waits for an earlier step of its session to arrive
+PREPARE_AFTER_S = 0.001  # when the next step's outgoing message is encoded, after a step's send
 
 
 @dataclass
 class _Outgoing:
-    """A step's output message, encoded around ``buffer``, and what to do if it cannot be sent."""
+    """A step's output message, encoded around ``buffer``: to the next hop, or the result to the client."""
 
-    peer: bytes
-    address: tuple[str, int] | None  # None: over the connection the peer opened (the client)
+    client: bytes
+    step_id: int
+    peer: bytes  # the next hop, or the client
+    address: str | None  # the next hop's 'host:port'; None: the result, over the client's connection
     frame: Any
     buffer: torch.Tensor  # [rows, hidden_size] host memory the output is copied into
-    on_failure: Callable[[BaseException], None]
+
+    def renumber(self, step_id: int) -> None:
+        """Makes it the message of step ``step_id`` (it was encoded before that step arrived)."""
+        self.step_id = step_id
+        self.frame.set_request_id(step_id)
+
+
+@dataclass
+class _Prepared:
+    """The outgoing message of a session's expected next step, encoded before the step arrives."""
+
+    metadata: dict[str, Any]  # the STEP metadata the next step is expected to carry
+    outgoing: _Outgoing | None
+
+    def matches(self, step: QueuedStep) -> bool:
+        return step.hidden.shape[0] == 1 and step.message.metadata == self.metadata
 
 
 def _field(metadata: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
@@ -99,6 +117,7 @@ class WorkerService:
         self.frame_limits = frame_limits
         self.draining = False
         self.errors = 0
+        self.prepared_steps = 0  # steps whose outgoing message was encoded before they arrived
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, peer_id: bytes, buffer: Any) -> Any:
@@ -123,7 +142,7 @@ class WorkerService:
         try:
             return await handler(self, peer_id, message)
         except WorkerError as exc:
-            self._note_refusal(peer_id, message, exc)
+            self._note_refusal(peer_id, message.kind, exc)
             return error_message(message.request_id, exc)
         except Exception as exc:
             log.exception("request %s from %s failed", kind_name(message.kind), short_id(peer_id))
@@ -134,11 +153,9 @@ class WorkerService:
         """Steps accepted and not finished yet (queued or computing)."""
         return sum(len(session.pending) + session.running for session in self.sessions)
 
-    def _note_refusal(self, peer_id: bytes, message: Message, exc: WorkerError) -> None:
+    def _note_refusal(self, peer_id: bytes, kind: int, exc: WorkerError) -> None:
         self.errors += 1
-        log.info(
-            "refused %s from %s: %s (%s)", kind_name(message.kind), short_id(peer_id), exc, exc.code.name
-        )
+        log.info("refused %s from %s: %s (%s)", kind_name(kind), short_id(peer_id), exc, exc.code.name)
 
     # ------------------------------------------------------------------ requests
     def info(self) -> dict[str, Any]:
@@ -152,6 +169,7 @@ class WorkerService:
             "free_cache_tokens": self.sessions.caches.free_tokens,
             "sessions": len(self.sessions),
             "compute": asdict(self.scheduler.stats),  # cumulative, since start
+            "prepared_steps": self.prepared_steps,
         }
 
     async def _open_session(self, peer_id: bytes, message: Message) -> Any:
@@ -212,7 +230,7 @@ class WorkerService:
             session.queue(step)
             self._advance(session)
         except WorkerError as exc:
-            self._note_refusal(sender, message, exc)
+            self._note_refusal(sender, message.kind, exc)
             self._report(client, message.request_id, exc)
         except Exception as exc:
             log.exception("step %d of client %s failed", message.request_id, short_id(client))
@@ -282,7 +300,7 @@ class WorkerService:
             f"step at position {step.position}, but the session is at {session.cache.length} and no "
             f"earlier step arrived within {REORDER_WAIT_S} s"
         )
-        self._note_refusal(step.message.metadata["client"], step.message, error)
+        self._note_refusal(step.message.metadata["client"], step.message.kind, error)
         self._report(step.message.metadata["client"], step.step_id, error)
         self._advance(session)
 
@@ -299,7 +317,7 @@ class WorkerService:
             if error is None and outgoing is not None:
                 assert output is not None
                 outgoing.buffer.copy_(output[-outgoing.buffer.shape[0] :])  # to host memory, if on a GPU
-                self._send(outgoing.peer, outgoing.address, outgoing.frame, outgoing.on_failure)
+                self._send_outgoing(outgoing)
         except Exception as exc:
             error = exc
         if error is not None:
@@ -307,40 +325,78 @@ class WorkerService:
             self.errors += 1
             failure = WorkerError(f"internal error: {error!r}")
             self._report(step.message.metadata["client"], step.step_id, failure)
+        elif outgoing is not None and _predictable(step):
+            asyncio.get_running_loop().call_later(PREPARE_AFTER_S, self._prepare_next, session, step)
         self._advance(session)
 
     def _outgoing(self, session: ServerSession, step: QueuedStep) -> _Outgoing | None:
-        """The message that takes the step's output on: to the next hop, or the result to the client
+        """The message that takes the step's output on: the one encoded ahead for it (see
+        :meth:`_prepare_next`) when the step is the one expected, else encoded now."""
+        prepared, session.prepared = session.prepared, None
+        if isinstance(prepared, _Prepared) and prepared.matches(step):
+            self.prepared_steps += 1
+            if prepared.outgoing is not None:
+                prepared.outgoing.renumber(step.step_id)
+            return prepared.outgoing
+        rows = step.hidden.shape[0]
+        return self._encode_outgoing(session, step.step_id, step.message.metadata, step.position, rows)
+
+    def _prepare_next(self, session: ServerSession, step: QueuedStep) -> None:
+        """Encodes the outgoing message of the session's expected next step after ``step``: one row at
+        the next position, with the same metadata otherwise (as a client decoding one token after
+        another sends), unless the session has moved on or ended meanwhile.
+
+        It runs PREPARE_AFTER_S after ``step``'s output went out, while the next hops compute: on the
+        step's arrival, with every cache cold after the other workers' forwards, encoding took ~100 us
+        of a hop (traced, docs/benchmarks.md). Right after the send it would hold this worker's CPU
+        while the next hop wakes up, which the kernel often schedules on the same CPU."""
+        if session.cache.freed or session.last_step != step.step_id or session.pending or session.running:
+            return
+        expected = dict(step.message.metadata, position=step.position + step.hidden.shape[0])
+        # The step id is not known yet (the client numbers steps across its sessions): _outgoing sets
+        # it when the step arrives.
+        outgoing = self._encode_outgoing(session, 0, expected, expected["position"], 1)
+        session.prepared = _Prepared(expected, outgoing)
+
+    def _encode_outgoing(
+        self, session: ServerSession, step_id: int, metadata: dict[str, Any], position: int, rows: int
+    ) -> _Outgoing | None:
+        """The message that takes a step's output on: to the next hop, or the result to the client
         (None for a partial step's last hop: the client waits for the last chunk only).
 
-        It is encoded now, around a buffer the output is copied into, because the caches are warm
-        now: right after a span's forward has streamed its weights through them, the same encoding
-        takes ~10x longer (7 us -> 87 us measured), on the critical path of the step."""
-        metadata = step.message.metadata
+        It is encoded before the forward, around a buffer the output is copied into, because the caches
+        are warm then: right after a span's forward has streamed its weights through them, the same
+        encoding takes ~10x longer (7 us -> 87 us measured), on the critical path of the step."""
         client = metadata["client"]
-        rows = step.hidden.shape[0]
-        if not step.chain:
+        chain = metadata["chain"]
+        if not chain:
             if metadata.get("partial"):
                 return None
             buffer = self._host_buffer(1 if metadata.get("last_only") else rows)
-            reply = {"session_id": session.session_id, "position": step.position + rows}
-            frame = encode_message(MessageKind.STEP_RESULT, step.step_id, reply, [buffer])
-            return _Outgoing(client, None, frame, buffer, functools.partial(self._client_unreachable, client))
-        next_peer, next_address, next_token = step.chain[0]
+            reply = {"session_id": session.session_id, "position": position + rows}
+            frame = encode_message(MessageKind.STEP_RESULT, step_id, reply, [buffer])
+            return _Outgoing(client, step_id, client, None, frame, buffer)
+        next_peer, next_address, next_token = chain[0]
         buffer = self._host_buffer(rows)
-        forwarded = dict(metadata, token=next_token, chain=step.chain[1:])
-        frame = encode_message(MessageKind.STEP, step.step_id, forwarded, [buffer])
+        forwarded = dict(metadata, token=next_token, chain=chain[1:])
+        frame = encode_message(MessageKind.STEP, step_id, forwarded, [buffer])
+        return _Outgoing(client, step_id, next_peer, next_address, frame, buffer)
 
-        def next_hop_failed(exc: BaseException) -> None:
-            error = NextHopFailed(
-                f"blocks {format_block_range(self.span.start, self.span.end)} computed, but the next hop "
-                f"{short_id(next_peer)} at {next_address} failed: {exc}",
-                failed_peer=next_peer,
-            )
-            self._note_refusal(client, step.message, error)
-            self._report(client, step.step_id, error)
+    def _send_outgoing(self, outgoing: _Outgoing) -> None:
+        address = None if outgoing.address is None else _address(outgoing.address)
+        self._send(outgoing.peer, address, outgoing.frame, functools.partial(self._not_sent, outgoing))
 
-        return _Outgoing(next_peer, _address(next_address), frame, buffer, next_hop_failed)
+    def _not_sent(self, outgoing: _Outgoing, exc: BaseException) -> None:
+        if outgoing.address is None:
+            self._client_unreachable(outgoing.client, exc)
+            return
+        error = NextHopFailed(
+            f"blocks {format_block_range(self.span.start, self.span.end)} computed, but the next hop "
+            f"{short_id(outgoing.peer)} at {outgoing.address} failed: {exc}",
+            failed_peer=outgoing.peer,
+        )
+        self._note_refusal(outgoing.client, MessageKind.STEP, error)
+        self._report(outgoing.client, outgoing.step_id, error)
 
     def _host_buffer(self, rows: int) -> torch.Tensor:
         on_gpu = self.span.device.type == "cuda"
@@ -435,6 +491,13 @@ def _address(text: str) -> tuple[str, int]:
         return parse_host_port(text)
     except ValueError:
         raise BadRequest(f"bad hop address {text!r}") from None
+
+
+def _predictable(step: QueuedStep) -> bool:
+    """Whether the session's next step can be foretold from ``step``: not for steps of bursts (their
+    burst ids change every round) nor prompt chunks (the next chunk has several rows)."""
+    metadata = step.message.metadata
+    return metadata.get("burst") is None and not metadata.get("partial")
 
 
 def _settle(

@@ -60,6 +60,7 @@ class ServerSession:
     running: bool = False
     pending: list[QueuedStep] = field(default_factory=list)  # a heap ordered by step id
     gap_timer: asyncio.TimerHandle | None = None  # waiting for a step that arrived late
+    prepared: Any = None  # the outgoing message of the expected next step (service.py: _prepare_next)
 
     @property
     def label(self) -> str:

@@ -84,6 +84,14 @@ class Worker:
         log.info("span throughput: decode %.0f tok/s, prefill %.0f tok/s", decode_tps, prefill_tps)
 
         sessions = SessionRegistry(span.cache_manager(config.cache_bytes), config.max_session_length)
+        transport = TransportConfig()
+        self.endpoint = await Endpoint.start(
+            self.identity.private_seed,
+            config.host,
+            data_plane_port(config.port),
+            transport,
+            receive_pool(span, transport),
+        )
         self.scheduler = ComputeScheduler(
             span,
             max_batch=config.max_batch,
@@ -92,14 +100,7 @@ class Worker:
             gather_s=config.batch_gather_ms / 1e3,
             decode_row_s=1 / decode_tps,
             prefill_token_s=1 / prefill_tps,
-        )
-        transport = TransportConfig()
-        self.endpoint = await Endpoint.start(
-            self.identity.private_seed,
-            config.host,
-            data_plane_port(config.port),
-            transport,
-            receive_pool(span, transport),
+            busy=self.endpoint.set_busy,
         )
         self.service = WorkerService(
             span=span,

@@ -179,3 +179,13 @@ def test_frame_error_codes_match_the_python_enum() -> None:
 
 def test_every_dtype_has_a_wire_code() -> None:
     assert {str(dtype).removeprefix("torch.") for dtype in DTYPES} == set(_core.DTYPE_CODES)
+
+
+def test_a_frame_encoded_ahead_takes_its_request_id_later() -> None:
+    hidden = torch.randn(1, 576)
+    frame = encode_message(9, 0, {"position": 7}, [hidden])
+    frame.set_request_id(2**64 - 1)
+    message = decode_message(frame.to_bytes())
+    assert message.request_id == 2**64 - 1
+    assert message.kind == 9 and message.metadata == {"position": 7}
+    assert torch.equal(message.tensors[0], hidden)

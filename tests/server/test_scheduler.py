@@ -4,7 +4,7 @@ and that results are the span's whatever path they take."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,13 @@ def caches(span: Span) -> Iterator[KVCacheManager]:
 
 
 def scheduler(
-    span: Span, *, inline_budget_s: float = 1.0, gather_s: float = 0.0, decode_row_s: float = 0.001
+    span: Span,
+    *,
+    inline_budget_s: float = 1.0,
+    gather_s: float = 0.0,
+    decode_row_s: float = 0.001,
+    prefill_token_s: float = 0.001,
+    busy: Callable[[bool], None] | None = None,
 ) -> ComputeScheduler:
     return ComputeScheduler(
         span,
@@ -38,7 +44,8 @@ def scheduler(
         inline_budget_s=inline_budget_s,
         gather_s=gather_s,
         decode_row_s=decode_row_s,
-        prefill_token_s=0.001,
+        prefill_token_s=prefill_token_s,
+        busy=busy,
     )
 
 
@@ -117,6 +124,25 @@ def test_prefill_and_decode_give_the_span_output_inline_or_on_the_thread(
     torch.testing.assert_close(output, reference(span, caches, prompt, step), rtol=1e-5, atol=1e-4)
     assert sched.stats.prefill_tokens == 10 and sched.stats.decode_tokens == 1
     assert (sched.stats.inline_jobs > 0) == (inline_budget_s > 0)
+
+
+def test_long_inline_work_lends_the_socket_and_short_work_keeps_it(
+    span: Span, caches: KVCacheManager
+) -> None:
+    calls: list[bool] = []
+
+    async def run() -> ComputeScheduler:
+        sched = scheduler(span, prefill_token_s=0.005, busy=calls.append)
+        cache = caches.allocate("session", 32)
+        await compute(sched, cache, torch.zeros(4, HIDDEN))  # expected to take 4 x 5 ms: lends
+        assert calls == [True, False]
+        await compute(sched, cache, torch.zeros(1, HIDDEN))  # a decode expected to take 1 ms: keeps it
+        return sched
+
+    sched = asyncio.run(run())
+    sched.stop()
+    assert calls == [True, False]
+    assert sched.stats.inline_jobs == 2
 
 
 def test_decodes_submitted_in_one_loop_turn_run_as_one_batch(span: Span, caches: KVCacheManager) -> None:

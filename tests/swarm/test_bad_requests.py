@@ -1,9 +1,11 @@
-"""Bad requests get typed errors and the worker keeps serving (real worker processes)."""
+"""Steps and bad requests against a real worker process: bad requests get typed errors and the worker
+keeps serving; steps run in order, exactly."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -290,3 +292,33 @@ def test_a_step_overtaken_by_a_replay_from_position_zero_is_dropped(
     fresh_id, fresh_token = open_session(runtime, first_worker, client.model_id)
     expected = step(runtime, first_worker, fresh_id, fresh_token, 0, hidden)
     torch.testing.assert_close(torch.cat([replay, out]), expected, rtol=1e-4, atol=1e-4)
+
+
+def prepared_steps(runtime: MeshRuntime, worker: ProviderEntry) -> int:
+    return request(runtime, worker, MessageKind.PING, {}).metadata["prepared_steps"]
+
+
+def test_decode_steps_go_out_in_the_message_encoded_ahead_and_stay_exact(
+    runtime: MeshRuntime, first_worker: ProviderEntry, client: DistributedModelForCausalLM
+) -> None:
+    torch.manual_seed(5)
+    hidden = torch.randn(6, HIDDEN)
+    ours, our_token = open_session(runtime, first_worker, client.model_id)
+    other, other_token = open_session(runtime, first_worker, client.model_id)
+    one_shot_id, one_shot_token = open_session(runtime, first_worker, client.model_id)
+    expected = step(runtime, first_worker, one_shot_id, one_shot_token, 0, hidden)
+    before = prepared_steps(runtime, first_worker)
+    outputs = [step(runtime, first_worker, ours, our_token, 0, hidden[:2])]
+    for position in range(2, 6):
+        # The other session's steps take step ids in between: the message encoded ahead gets the id
+        # of the step that arrives, or its result would not reach us.
+        step(runtime, first_worker, other, other_token, position - 2, hidden[:1])
+        # A client spends a while on its LM head between two steps; the worker encodes meanwhile.
+        time.sleep(0.05)
+        # From position 4 on the metadata changes (last_only): not the step foretold, encoded anew.
+        extra = {"last_only": True} if position >= 4 else None
+        row = hidden[position : position + 1]
+        outputs.append(step(runtime, first_worker, ours, our_token, position, row, extra=extra))
+    torch.testing.assert_close(torch.cat(outputs), expected, rtol=1e-4, atol=1e-4)
+    # Ours at 2, 3 and 5 (4 changed its metadata); the other session's at 1, 2 and 3.
+    assert prepared_steps(runtime, first_worker) - before == 6

@@ -329,6 +329,22 @@ def test_sent_tensors_stay_referenced_until_acknowledged_then_are_released() -> 
     run(main())
 
 
+def test_a_frame_handed_to_the_transport_can_no_longer_be_renumbered() -> None:
+    async def main() -> None:
+        a, b = await pair()
+        b.set_handler(echo)
+        request = encode_message(1, 0, {}, [torch.randn(4, 8)])
+        request.set_request_id(5)  # before sending: fine
+        await a.request(b.peer_id, ("127.0.0.1", b.port), request, timeout=10)
+        # QUIC may resend the frame's bytes until the peer acknowledged them: they must not change.
+        with pytest.raises(ValueError, match="handed to the transport"):
+            request.set_request_id(6)
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
 def test_requests_beyond_the_peers_stream_limit_queue_until_credit_returns() -> None:
     async def main() -> None:
         a, b = await pair(config_b=TransportConfig(max_streams=16))

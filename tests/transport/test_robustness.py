@@ -1,10 +1,13 @@
-"""Hostile and overloaded conditions: garbage at the port, a receiver that stops reading."""
+"""Hostile and overloaded conditions: garbage at the port, a receiver that stops reading, a receiver
+whose loop is busy."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import random
 import socket
+import threading
 
 from transport_helpers import ECHO, frame, metadata_of, new_key, run
 
@@ -145,3 +148,53 @@ def test_slow_receiver_stalls_the_sender_instead_of_queueing() -> None:
         await receiver.close()
 
     run(main())
+
+
+def test_a_receiver_busy_computing_lends_its_socket_and_transfers_to_it_keep_moving() -> None:
+    """The loop's thread reads the socket, so while it is blocked (a forward) no one would: the
+    scheduler marks such work with ``set_busy``, and the I/O thread reads meanwhile. Here 8 MiB go to
+    a receiver whose loop is blocked the whole time, through a 1 MiB flow-control window and a
+    256 KiB socket buffer: the sends can only complete if the receiver reads while blocked."""
+    receiver_config = TransportConfig(
+        connection_window=1 << 20, stream_window=1 << 20, socket_buffer_bytes=256 << 10
+    )
+    started: concurrent.futures.Future[Endpoint] = concurrent.futures.Future()
+    unblock = threading.Event()
+    received: list[int] = []
+
+    def receiver_thread() -> None:
+        async def main() -> None:
+            receiver = await Endpoint.start(new_key(), "127.0.0.1", 0, receiver_config)
+            receiver.set_handler(lambda peer_id, buffer: received.append(metadata_of(buffer)["i"]))
+            started.set_result(receiver)
+            receiver.set_busy(True)
+            unblock.wait(60)  # the loop's thread is blocked, as by a forward
+            receiver.set_busy(False)
+            for _ in range(500):
+                if len(received) == 8:
+                    break
+                await asyncio.sleep(0.01)
+            await receiver.close()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=receiver_thread)
+    thread.start()
+    try:
+        receiver = started.result(10)
+
+        async def send_all() -> None:
+            sender = await Endpoint.start(new_key(), "127.0.0.1", 0)
+            address = ("127.0.0.1", receiver.port)
+            sends = [
+                sender.send(receiver.peer_id, address, frame(ECHO, {"i": i}, bytes(1 << 20)))
+                for i in range(8)
+            ]
+            await asyncio.wait_for(asyncio.gather(*sends), 20)
+            await sender.close()
+
+        run(send_all())
+    finally:
+        unblock.set()
+        thread.join(30)
+    assert sorted(received) == list(range(8))
