@@ -410,11 +410,13 @@ void Endpoint::handshake_completed(Connection* conn) {
 
 void Endpoint::run() {
   epoll_event events[8];
+  constexpr int kWaitMs = kConsumerStallNs / 1000000;  // how often to check the consumer reads
   for (;;) {
-    const int n = epoll_wait(epoll_fd_, events, 8, -1);
+    const int n = epoll_wait(epoll_fd_, events, 8, kWaitMs);
     std::unique_lock<std::mutex> engine(engine_);
     t_engine = this;
     const uint64_t now = now_ns();
+    read_for_stalled_consumer(now);
     for (int i = 0; i < n; ++i) {
       const int fd = events[i].data.fd;
       if (fd == socket_.fd()) {
@@ -445,6 +447,13 @@ void Endpoint::run() {
     engine.unlock();
     sink_->flush();
   }
+}
+
+void Endpoint::read_for_stalled_consumer(uint64_t now) {
+  if (io_reads_ || now - consumer_read_at_ < kConsumerStallNs || !socket_.has_datagram()) return;
+  // The consumer's thread has not read for a while (blocked without lending the socket): keep the
+  // connections alive. Its events wait in the sink for it.
+  read_socket(now);
 }
 
 void Endpoint::turn() {
@@ -538,13 +547,15 @@ void Endpoint::receive_on_consumer_thread(bool on) {
   std::lock_guard<std::mutex> engine(engine_);
   if (io_reads_ == !on) return;
   io_reads_ = !on;
+  consumer_read_at_ = now_ns();  // a consumer that just took the socket has not stalled
   watch_socket();  // with datagrams waiting, this wakes the I/O thread to read them at once
 }
 
 void Endpoint::receive() {
   std::lock_guard<std::mutex> engine(engine_);
   t_engine = this;
-  read_socket(now_ns());
+  consumer_read_at_ = now_ns();
+  read_socket(consumer_read_at_);
   // A connection that delivered a message holds its ACK for the reply (kAckHold): this writes only
   // what cannot wait (e.g. more data after an ACK opened the window) and re-arms the timer.
   turn();

@@ -68,8 +68,11 @@ class Endpoint final : public ConnectionHost {
   // on a loaded VM. With `on`, the I/O thread leaves incoming datagrams to the consumer's thread, which
   // calls receive() whenever socket_fd() is readable: one wake-up. The consumer hands reading back
   // (`on` false) while its thread is busy for long (a forward), so that ACKs, flow control and large
-  // transfers keep moving meanwhile.
+  // transfers keep moving meanwhile. Should it stall without doing so, the I/O thread reads datagrams
+  // that waited kConsumerStallNs (checked that often), well before peers would give this endpoint up
+  // as dead.
   void receive_on_consumer_thread(bool on);
+  static constexpr uint64_t kConsumerStallNs = 100'000'000;  // 100 ms
   // Reads the datagrams waiting on the socket and does the engine work they call for; their events go
   // to the sink without a flush (the caller takes them next). Waits for the engine if the I/O thread
   // holds it.
@@ -113,6 +116,7 @@ class Endpoint final : public ConnectionHost {
   void handle_timeouts(uint64_t now);
   void write_all(uint64_t now);
   void watch_socket();  // sets the socket's epoll interest from io_reads_ and want_writable_
+  void read_for_stalled_consumer(uint64_t now);
   void reap(uint64_t now);
   void arm_timer(uint64_t now);
   void shutdown_connections(uint64_t now);
@@ -138,6 +142,7 @@ class Endpoint final : public ConnectionHost {
   uint64_t armed_ = 0;   // deadline the timerfd is set to (UINT64_MAX: disarmed, 0: fired or never set)
   bool want_writable_ = false;
   bool io_reads_ = true;  // the I/O thread reads the socket (see receive_on_consumer_thread)
+  uint64_t consumer_read_at_ = 0;  // when the consumer's thread last called receive()
 
   std::mutex mutex_;
   std::vector<Command> commands_;

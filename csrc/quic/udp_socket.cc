@@ -148,6 +148,11 @@ UdpSocket::SendResult UdpSocket::send(const Address& to, const uint8_t* data, si
   return SendResult::kSent;
 }
 
+bool UdpSocket::has_datagram() const noexcept {
+  uint8_t byte;
+  return ::recv(fd_, &byte, 1, MSG_PEEK | MSG_DONTWAIT) >= 0;
+}
+
 ssize_t UdpSocket::receive(uint8_t* buf, Address* from, size_t* segment) {
   iovec iov{buf, kMaxBatchBytes};
   msghdr msg{};

@@ -45,6 +45,7 @@ class UdpSocket {
   UdpSocket& operator=(const UdpSocket&) = delete;
 
   int fd() const noexcept { return fd_; }
+  bool has_datagram() const noexcept;  // one is waiting to be received
   int family() const noexcept { return family_; }
   const Address& local() const noexcept { return local_; }
   bool gso() const noexcept { return gso_; }

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import random
 import socket
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 from transport_helpers import ECHO, frame, metadata_of, new_key, run
 
@@ -150,51 +153,80 @@ def test_slow_receiver_stalls_the_sender_instead_of_queueing() -> None:
     run(main())
 
 
-def test_a_receiver_busy_computing_lends_its_socket_and_transfers_to_it_keep_moving() -> None:
-    """The loop's thread reads the socket, so while it is blocked (a forward) no one would: the
-    scheduler marks such work with ``set_busy``, and the I/O thread reads meanwhile. Here 8 MiB go to
-    a receiver whose loop is blocked the whole time, through a 1 MiB flow-control window and a
-    256 KiB socket buffer: the sends can only complete if the receiver reads while blocked."""
-    receiver_config = TransportConfig(
-        connection_window=1 << 20, stream_window=1 << 20, socket_buffer_bytes=256 << 10
-    )
+@contextlib.contextmanager
+def receiver_with_a_blocked_loop(
+    config: TransportConfig, lend: bool
+) -> Iterator[tuple[Endpoint, list[int], threading.Event]]:
+    """An endpoint on its own loop in another thread, whose loop's thread is blocked (as by a forward
+    computed inline, after ``set_busy(True)`` when ``lend``) until the yielded event is set or the
+    block exits. Yields the endpoint, the ``i`` of the frames its handler received (it echoes
+    requests back), and the event."""
     started: concurrent.futures.Future[Endpoint] = concurrent.futures.Future()
     unblock = threading.Event()
     received: list[int] = []
 
-    def receiver_thread() -> None:
-        async def main() -> None:
-            receiver = await Endpoint.start(new_key(), "127.0.0.1", 0, receiver_config)
-            receiver.set_handler(lambda peer_id, buffer: received.append(metadata_of(buffer)["i"]))
-            started.set_result(receiver)
+    def handle(peer_id: bytes, buffer: _core.Buffer) -> Any:
+        received.append(metadata_of(buffer)["i"])
+        return buffer
+
+    async def main() -> None:
+        receiver = await Endpoint.start(new_key(), "127.0.0.1", 0, config)
+        receiver.set_handler(handle)
+        started.set_result(receiver)
+        if lend:
             receiver.set_busy(True)
-            unblock.wait(60)  # the loop's thread is blocked, as by a forward
+        unblock.wait(60)
+        if lend:
             receiver.set_busy(False)
-            for _ in range(500):
-                if len(received) == 8:
-                    break
-                await asyncio.sleep(0.01)
-            await receiver.close()
+        await asyncio.sleep(1.0)  # handles what waited, and answers
+        await receiver.close()
 
-        asyncio.run(main())
-
-    thread = threading.Thread(target=receiver_thread)
+    thread = threading.Thread(target=asyncio.run, args=(main(),))
     thread.start()
     try:
-        receiver = started.result(10)
+        yield started.result(10), received, unblock
+    finally:
+        unblock.set()
+        thread.join(30)
+
+
+def test_a_receiver_busy_computing_lends_its_socket_and_transfers_to_it_keep_moving() -> None:
+    """The loop's thread reads the socket, so while it is blocked no one would: the scheduler marks
+    such work with ``set_busy``, and the I/O thread reads meanwhile. Here 8 MiB go to a receiver
+    whose loop is blocked the whole time, through a 1 MiB flow-control window and a 256 KiB socket
+    buffer: the sends can only complete if the receiver reads while blocked."""
+    config = TransportConfig(connection_window=1 << 20, stream_window=1 << 20, socket_buffer_bytes=256 << 10)
+    with receiver_with_a_blocked_loop(config, lend=True) as (receiver, received, _):
 
         async def send_all() -> None:
             sender = await Endpoint.start(new_key(), "127.0.0.1", 0)
             address = ("127.0.0.1", receiver.port)
-            sends = [
-                sender.send(receiver.peer_id, address, frame(ECHO, {"i": i}, bytes(1 << 20)))
-                for i in range(8)
-            ]
+            payload = bytes(1 << 20)
+            sends = [sender.send(receiver.peer_id, address, frame(ECHO, {"i": i}, payload)) for i in range(8)]
             await asyncio.wait_for(asyncio.gather(*sends), 20)
             await sender.close()
 
         run(send_all())
-    finally:
-        unblock.set()
-        thread.join(30)
     assert sorted(received) == list(range(8))
+
+
+def test_a_receiver_whose_loop_stalls_without_lending_its_socket_stays_alive() -> None:
+    """Blocked for longer than the peer's dead-peer timeout (1 s) without ``set_busy`` (a stall, not
+    planned work), an endpoint still acknowledges what it receives: its I/O thread reads datagrams
+    that waited 100 ms. The request is answered once the loop runs again."""
+    with receiver_with_a_blocked_loop(TransportConfig(), lend=False) as (receiver, received, unblock):
+
+        async def request_during_the_stall() -> None:
+            sender = await Endpoint.start(new_key(), "127.0.0.1", 0)
+            address = ("127.0.0.1", receiver.port)
+            echo = frame(ECHO, {"i": 7}, bytes(64 << 10))
+            request = asyncio.ensure_future(sender.request(receiver.peer_id, address, echo, timeout=30))
+            await asyncio.sleep(2.0)  # twice the dead-peer timeout
+            assert not request.done(), f"the request ended while the receiver was blocked: {request!r}"
+            unblock.set()
+            response = await asyncio.wait_for(request, 10)
+            assert metadata_of(response)["i"] == 7
+            await sender.close()
+
+        run(request_during_the_stall())
+    assert received == [7]
