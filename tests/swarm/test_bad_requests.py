@@ -133,6 +133,14 @@ def step(
     return outcome
 
 
+def one_shot(
+    runtime: MeshRuntime, worker: ProviderEntry, model_id: str, hidden: torch.Tensor
+) -> torch.Tensor:
+    """The worker's output for ``hidden`` as one step of a fresh session: what split steps must match."""
+    session_id, token = open_session(runtime, worker, model_id)
+    return step(runtime, worker, session_id, token, 0, hidden)
+
+
 def test_wrong_model_and_oversized_session_are_refused(
     runtime: MeshRuntime, first_worker: ProviderEntry, client: DistributedModelForCausalLM
 ) -> None:
@@ -258,15 +266,14 @@ def test_steps_that_arrive_out_of_order_run_in_the_order_the_client_sent_them(
 ) -> None:
     torch.manual_seed(3)
     hidden = torch.randn(8, HIDDEN)
-    session_id, token = open_session(runtime, first_worker, client.model_id)
-    one_shot = step(runtime, first_worker, session_id, token, 0, hidden)
+    expected = one_shot(runtime, first_worker, client.model_id, hidden)
     session_id, token = open_session(runtime, first_worker, client.model_id)
     # The second half arrives first: the worker holds it until the first half has run.
     later, earlier = send_steps(
         runtime, first_worker, session_id, token, [(1, 4, hidden[4:]), (0, 0, hidden[:4])]
     )
     # Split or whole, the same rows: equal up to float32 rounding of differently blocked matmuls.
-    torch.testing.assert_close(torch.cat([earlier, later]), one_shot, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat([earlier, later]), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_a_step_overtaken_by_a_replay_from_position_zero_is_dropped(
@@ -289,8 +296,7 @@ def test_a_step_overtaken_by_a_replay_from_position_zero_is_dropped(
     assert replay.shape == (3, HIDDEN)
     # The session continues from the replay, at position 3.
     out = step(runtime, first_worker, session_id, token, 3, hidden[3:])
-    fresh_id, fresh_token = open_session(runtime, first_worker, client.model_id)
-    expected = step(runtime, first_worker, fresh_id, fresh_token, 0, hidden)
+    expected = one_shot(runtime, first_worker, client.model_id, hidden)
     torch.testing.assert_close(torch.cat([replay, out]), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -305,8 +311,7 @@ def test_decode_steps_go_out_in_the_message_encoded_ahead_and_stay_exact(
     hidden = torch.randn(6, HIDDEN)
     ours, our_token = open_session(runtime, first_worker, client.model_id)
     other, other_token = open_session(runtime, first_worker, client.model_id)
-    one_shot_id, one_shot_token = open_session(runtime, first_worker, client.model_id)
-    expected = step(runtime, first_worker, one_shot_id, one_shot_token, 0, hidden)
+    expected = one_shot(runtime, first_worker, client.model_id, hidden)
     before = prepared_steps(runtime, first_worker)
     outputs = [step(runtime, first_worker, ours, our_token, 0, hidden[:2])]
     for position in range(2, 6):
