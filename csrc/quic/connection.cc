@@ -21,6 +21,9 @@ constexpr uint64_t kMaxUnpacedBytes = uint64_t{64} << 10;
 // wake-up, and ngtcp2 answers the resulting gap in ack-eliciting packet numbers with another immediate
 // ACK, so every message would drag two extra packets along.
 constexpr uint64_t kAckHold = 500000;  // 0.5 ms
+// How long the reset of an unanswered stream waits for another packet to ride on (close_unanswered):
+// ngtcp2's default max_ack_delay, so a peer stepping a session every few ms always gets it that way.
+constexpr uint64_t kUnansweredResetDelay = 25000000;  // 25 ms
 
 uint64_t seconds_to_ns(double s) { return static_cast<uint64_t>(s * 1e9); }
 
@@ -305,7 +308,9 @@ bool Connection::handle_timeout(uint64_t now) {
     const int rv = ngtcp2_conn_handle_expiry(conn_, now);
     if (rv != 0) return fail_from_liberr(rv);
     dirty = true;
+    timer_write_ = true;  // most often a delayed ACK: unanswered streams' resets go with it
   }
+  if (unanswered_due_ != 0 && unanswered_due_ <= now) dirty = true;  // write() resets them
   return true;
 }
 
@@ -315,6 +320,7 @@ uint64_t Connection::expiry() const {
   // would wake the I/O thread just to find the hold still on; the hold's own end is the earliest
   // deadline that matters.
   if (hold_until_ != 0 && t < hold_until_) t = hold_until_;
+  if (unanswered_due_ != 0) t = std::min(t, unanswered_due_);
   if (watch_since_ != 0) {
     t = std::min(t, std::max(last_rx_, watch_since_) + seconds_to_ns(config_.dead_peer_timeout_s));
   }
@@ -352,6 +358,13 @@ bool Connection::write(TxBatch& tx, uint64_t now) {
   dirty = false;
   hold_until_ = 0;
   if (!alive()) return false;
+  // Resets of unanswered streams ride on a packet that goes anyway: a delayed ACK, our own data.
+  // A write after a read alone may send nothing, and would send them by themselves.
+  if (!unanswered_.empty() && (timer_write_ || now >= unanswered_due_ || !sendq_.empty() ||
+                               !queued_bidi_.empty() || !queued_uni_.empty())) {
+    reset_unanswered();
+  }
+  timer_write_ = false;
   open_queued();
   outstanding_changed(now);
   ngtcp2_pkt_info pi{};
@@ -571,6 +584,20 @@ void Connection::cancel(uint64_t token) {
   }
   token_streams_.erase(it);
   dirty = true;
+}
+
+void Connection::close_unanswered(int64_t stream_id, uint64_t now) {
+  if (!ngtcp2_is_bidi_stream(stream_id) || stream(stream_id) == nullptr) return;
+  unanswered_.push_back(stream_id);
+  if (unanswered_due_ == 0) unanswered_due_ = now + kUnansweredResetDelay;
+}
+
+void Connection::reset_unanswered() {
+  for (const int64_t id : unanswered_) {
+    if (stream(id) != nullptr) compat::shutdown_stream(conn_, id, kAppHandlerFailed);
+  }
+  unanswered_.clear();
+  unanswered_due_ = 0;
 }
 
 void Connection::finish_incoming(uint64_t nbytes) {

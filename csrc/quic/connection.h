@@ -72,6 +72,12 @@ class Connection {
   // The handler of an incoming frame of `nbytes` finished: its bytes stop counting against the
   // pending limit and withheld flow-control credit is returned.
   void finish_incoming(uint64_t nbytes);
+  // A peer-opened bidirectional stream whose frame was handled without an answer: a one-way message
+  // (before ngtcp2 0.14 they travel on bidirectional streams, see compat.h), or a request the handler
+  // had nothing for (its requester sees kRemoteError). Its send side is reset with the next packet to
+  // the peer, or on its own after kUnansweredResetDelay: reset at once, the RESET_STREAM and the
+  // peer's ACK of it cost two packets and two wake-ups per message, when a chain's next hop starts.
+  void close_unanswered(int64_t stream_id, uint64_t now);
 
   // Sends CONNECTION_CLOSE with `app_error` (best effort) and marks the connection dead.
   void close(TxBatch& tx, uint64_t app_error, uint64_t now);
@@ -113,6 +119,7 @@ class Connection {
   void credit(Stream* s, uint64_t n);
   void report_failure(Stream* s, ErrorKind kind, std::string message);
   void outstanding_changed(uint64_t now);
+  void reset_unanswered();
   size_t outstanding() const noexcept { return queued_bidi_.size() + queued_uni_.size() + out_streams_; }
 
   // ngtcp2 callbacks.
@@ -149,6 +156,10 @@ class Connection {
   std::deque<Queued> queued_uni_;                        // one-way sends, likewise
   std::deque<int64_t> sendq_;                            // streams with bytes not yet handed to ngtcp2
   size_t out_streams_ = 0;                               // streams we opened that are not closed yet
+
+  std::vector<int64_t> unanswered_;  // streams to reset with the next packet (close_unanswered)
+  uint64_t unanswered_due_ = 0;      // when they go on their own (0: none waiting)
+  bool timer_write_ = false;         // the next write follows one of ngtcp2's timers
 
   uint64_t owed_bidi_streams_ = 0;  // closed peer-opened streams not yet returned as stream credit
   uint64_t owed_uni_streams_ = 0;

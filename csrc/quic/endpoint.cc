@@ -193,7 +193,10 @@ void Endpoint::finish(uint64_t incoming) {
     if (it == incoming_.end()) return;
     const Incoming in = it->second;
     incoming_.erase(it);
-    if (Connection* c = find(in.serial)) c->finish_incoming(in.nbytes);
+    if (Connection* c = find(in.serial)) {
+      c->close_unanswered(in.stream_id, now_ns());
+      c->finish_incoming(in.nbytes);
+    }
   });
 }
 

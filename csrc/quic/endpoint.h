@@ -60,7 +60,9 @@ class Endpoint final : public ConnectionHost {
   bool send(uint64_t token, const PeerId& peer, std::optional<Address> address, OutFrame& frame);
   bool respond(uint64_t incoming, OutFrame& frame);
   void reject(uint64_t incoming, uint64_t app_error);
-  void finish(uint64_t incoming);  // a one-way message's handler is done with it
+  // The handler is done with an incoming frame and has no answer: a one-way message, or a request left
+  // unanswered (its stream is reset with the next packet to the peer: Connection::close_unanswered).
+  void finish(uint64_t incoming);
   void cancel(uint64_t token);
 
   // Who reads the socket. By default the I/O thread does, and the EventSink's consumer learns of incoming

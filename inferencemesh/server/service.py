@@ -316,7 +316,9 @@ class WorkerService:
         try:
             if error is None and outgoing is not None:
                 assert output is not None
-                outgoing.buffer.copy_(output[-outgoing.buffer.shape[0] :])  # to host memory, if on a GPU
+                rows = outgoing.buffer.shape[0]  # all of the output's rows, or the last (last_only)
+                # Into host memory, if on a GPU; slicing only when needed saves a cold torch call.
+                outgoing.buffer.copy_(output if output.shape[0] == rows else output[-rows:])
                 self._send_outgoing(outgoing)
         except Exception as exc:
             error = exc

@@ -213,7 +213,7 @@ class Endpoint:
             result = handler(peer_id, buffer)
         except Exception:
             log.exception("handler failed on a frame from peer %s", peer_id.hex()[:12])
-            self._complete(incoming, expects_response, None)
+            self._fail(incoming, expects_response)
             return
         if inspect.isawaitable(result):
             task = self._loop.create_task(self._finish_async(incoming, peer_id, expects_response, result))
@@ -229,25 +229,39 @@ class Endpoint:
             response = await result
         except Exception:
             log.exception("handler failed on a frame from peer %s", peer_id.hex()[:12])
-            response = None
+            self._fail(incoming, expects_response)
+            return
         self._complete(incoming, expects_response, response)
 
     def _complete(self, incoming: int, expects_response: bool, response: Frame | None) -> None:
+        """Answers a frame its handler is done with. No answer (None) finishes it: a one-way message,
+        or a request the handler had nothing for, which its requester learns as RemoteError. The
+        native side resets such a stream with the next packet to the peer: before ngtcp2 0.14 one-way
+        messages come on bidirectional streams too (``expects_response`` is then True), and a reset
+        of its own cost two packets and two wake-ups per message."""
         if self._closed:
             return
-        if not expects_response:
-            if response is not None:
-                log.warning("handler returned a response to a one-way message; it is dropped")
+        if response is None:
             self._native.finish(incoming)
             return
-        if response is None:
-            self._native.reject(incoming, _APP_HANDLER_FAILED)
+        if not expects_response:
+            log.warning("handler returned a response to a one-way message; it is dropped")
+            self._native.finish(incoming)
             return
         try:
             self._native.respond(incoming, response)
         except ValueError:
             log.exception("handler returned something that is not a frame")
             self._native.reject(incoming, _APP_HANDLER_FAILED)
+
+    def _fail(self, incoming: int, expects_response: bool) -> None:
+        """The handler raised: a requester learns it at once (RemoteError)."""
+        if self._closed:
+            return
+        if expects_response:
+            self._native.reject(incoming, _APP_HANDLER_FAILED)
+        else:
+            self._native.finish(incoming)
 
     def peer_stats(self, peer_id: bytes) -> PeerStats | None:
         """Statistics of the live connection(s) with a peer, or None when there is none."""

@@ -406,6 +406,33 @@ def test_one_way_messages_never_run_out_of_stream_credit() -> None:
     assert run(scenario()) == 3000
 
 
+def test_the_receiver_answers_a_one_way_message_with_one_packet() -> None:
+    """Its ACK, which also carries the reset of an earlier message's stream: before ngtcp2 0.14 one-way
+    messages travel on bidirectional streams, and the receiver resets the side it never answers on.
+    A reset sent on its own cost a packet and the sender's ACK of it, two wake-ups per message."""
+
+    def compute(peer_id: bytes, buffer: _core.Buffer) -> None:
+        time.sleep(0.002)  # a forward: longer than the ACK waits for an answer, so the ACK goes first
+
+    async def scenario() -> int:
+        a, b = await pair()
+        b.set_handler(compute)
+        address = ("127.0.0.1", b.port)
+        await a.send(b.peer_id, address, frame(ECHO, {"n": 0}, bytes(2400)))  # connects
+        await asyncio.sleep(0.1)
+        before = b.stats().datagrams_sent
+        for n in range(1, 21):
+            await a.send(b.peer_id, address, frame(ECHO, {"n": n}, bytes(2400)))
+            await asyncio.sleep(0.02)  # about a decode step's pace
+        await asyncio.sleep(0.1)  # the last reset goes on its own after 25 ms
+        sent = b.stats().datagrams_sent - before
+        await a.close()
+        await b.close()
+        return sent
+
+    assert run(scenario()) <= 25  # 20 messages: an ACK each, the last reset alone (40 before)
+
+
 def test_send_soon_hands_every_frame_over_from_any_thread_and_reports_failures_through_its_future() -> None:
     async def scenario() -> tuple[list[int], BaseException | None]:
         a, b = await pair()
