@@ -2,6 +2,7 @@
 
 #include <gnutls/crypto.h>
 #include <ngtcp2/ngtcp2_crypto.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/timerfd.h>
@@ -226,6 +227,7 @@ void Endpoint::expire_requests(uint64_t now) {
 }
 
 void Endpoint::emit(Event&& event) {
+  ++events_emitted_;
   if (event.type != Event::Type::kIncoming && !token_deadline_.empty()) {
     if (auto it = token_deadline_.find(event.token); it != token_deadline_.end()) {
       deadlines_.erase({it->second, event.token});
@@ -474,8 +476,9 @@ void Endpoint::turn() {
   arm_timer(now_ns());
 }
 
-void Endpoint::read_socket(uint64_t now) {
+size_t Endpoint::read_socket(uint64_t now) {
   // Bounded so that ACKs and responses go out even under a flood; the rest waits for the next turn.
+  size_t datagrams = 0;
   for (int i = 0; i < 64; ++i) {
     Address from;
     size_t segment = 0;
@@ -483,8 +486,10 @@ void Endpoint::read_socket(uint64_t now) {
     if (n < 0) break;
     for (size_t off = 0; off < static_cast<size_t>(n); off += segment) {
       on_datagram(from, rx_buf_.data() + off, std::min(segment, static_cast<size_t>(n) - off), now);
+      ++datagrams;
     }
   }
+  return datagrams;
 }
 
 void Endpoint::on_datagram(const Address& from, const uint8_t* data, size_t len, uint64_t now) {
@@ -555,14 +560,28 @@ void Endpoint::receive_on_consumer_thread(bool on) {
 }
 
 void Endpoint::receive() {
-  std::lock_guard<std::mutex> engine(engine_);
-  t_engine = this;
-  consumer_read_at_ = now_ns();
-  read_socket(consumer_read_at_);
-  // A connection that delivered a message holds its ACK for the reply (kAckHold): this writes only
-  // what cannot wait (e.g. more data after an ACK opened the window) and re-arms the timer.
-  turn();
-  t_engine = nullptr;
+  const uint64_t started = now_ns();
+  std::unique_lock<std::mutex> engine(engine_);
+  for (;;) {
+    t_engine = this;
+    consumer_read_at_ = now_ns();
+    const uint64_t emitted = events_emitted_;
+    const uint64_t sent = tx_.datagrams_sent();
+    const size_t received = read_socket(consumer_read_at_);
+    // A connection that delivered a message holds its ACK for the reply (kAckHold): this writes only
+    // what cannot wait (e.g. more data after an ACK opened the window) and re-arms the timer.
+    turn();
+    t_engine = nullptr;
+    const bool bulk = received >= kBulkDatagrams || tx_.datagrams_sent() - sent >= kBulkDatagrams;
+    if (!bulk || events_emitted_ != emitted || now_ns() - started >= kBulkReceiveNs) return;
+    // A bulk transfer, either way, and nothing for the caller yet: wait for its next packets here.
+    engine.unlock();
+    pollfd readable{socket_.fd(), POLLIN, 0};
+    const timespec gap{0, kBulkGapNs};
+    const int ready = ::ppoll(&readable, 1, &gap, nullptr);
+    engine.lock();
+    if (ready <= 0) return;
+  }
 }
 
 void Endpoint::reap(uint64_t now) {

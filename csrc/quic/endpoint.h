@@ -75,9 +75,15 @@ class Endpoint final : public ConnectionHost {
   // as dead.
   void receive_on_consumer_thread(bool on);
   static constexpr uint64_t kConsumerStallNs = 100'000'000;  // 100 ms
+  static constexpr size_t kBulkDatagrams = 32;
+  static constexpr uint64_t kBulkReceiveNs = 10'000'000;  // 10 ms
+  static constexpr long kBulkGapNs = 500'000;             // a bulk transfer paused this long has ended
   // Reads the datagrams waiting on the socket and does the engine work they call for; their events go
   // to the sink without a flush (the caller takes them next). Waits for the engine if the I/O thread
-  // holds it.
+  // holds it. While a bulk transfer runs (kBulkDatagrams or more read, or written after the ACKs
+  // read, and no frame complete yet) it goes on here for up to kBulkReceiveNs, as the I/O thread
+  // would, rather than return to the caller's event loop for every batch of packets: that cost 64 MiB
+  // transfers 15-50 % of their throughput.
   void receive();
   int socket_fd() const noexcept { return socket_.fd(); }
 
@@ -113,7 +119,7 @@ class Endpoint final : public ConnectionHost {
   void run();
   void turn();  // one round of engine work; the caller holds engine_
   void run_commands();
-  void read_socket(uint64_t now);
+  size_t read_socket(uint64_t now);  // returns the datagrams read
   void on_datagram(const Address& from, const uint8_t* data, size_t len, uint64_t now);
   void handle_timeouts(uint64_t now);
   void write_all(uint64_t now);
@@ -168,6 +174,7 @@ class Endpoint final : public ConnectionHost {
   std::set<std::pair<uint64_t, uint64_t>> deadlines_;    // (deadline, token)
   std::unordered_map<uint64_t, uint64_t> token_deadline_;  // token -> deadline
   std::vector<uint8_t> rx_buf_;
+  uint64_t events_emitted_ = 0;  // engine-guarded: tells receive() whether a frame completed
   EndpointStats counters_;
 };
 
