@@ -7,6 +7,7 @@ small acknowledgement for 64 MiB transfers. The client measures request/response
 CPU time over the measured interval). With --cpp it also runs the C++-only program bench/cpp/quic_bench.
 
     python bench/bench_quic.py [--iterations 2000] [--bulk 4] [--cpp build/bench/bench/cpp/quic_bench]
+        [--io-thread-reads]   # the I/O thread reads the socket (TransportConfig.loop_reads_socket=False)
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def small_frame(kind: int, metadata: dict) -> _core.EncodedFrame:
 # --- server -----------------------------------------------------------------------------------------
 
 
-async def serve(udp_payload: int) -> None:
-    config = TransportConfig(max_udp_payload=udp_payload)
+async def serve(udp_payload: int, loop_reads_socket: bool) -> None:
+    config = TransportConfig(max_udp_payload=udp_payload, loop_reads_socket=loop_reads_socket)
     endpoint = await Endpoint.start(Ed25519PrivateKey.generate().private_bytes_raw(), "127.0.0.1", 0, config)
     ack = small_frame(1, {"ok": True}).to_bytes()
 
@@ -138,13 +139,14 @@ async def bulk(client: QuicClient | TcpClient, message: object, size: int, count
 
 async def run_client(args: argparse.Namespace) -> None:
     server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", "--udp-payload", str(args.udp_payload)],
+        [sys.executable, __file__, "--serve", "--udp-payload", str(args.udp_payload)]
+        + (["--io-thread-reads"] if args.io_thread_reads else []),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     _, quic_port, tcp_port, peer_hex = server.stdout.readline().split()
-    config = TransportConfig(max_udp_payload=args.udp_payload)
+    config = TransportConfig(max_udp_payload=args.udp_payload, loop_reads_socket=not args.io_thread_reads)
     endpoint = await Endpoint.start(Ed25519PrivateKey.generate().private_bytes_raw(), "127.0.0.1", 0, config)
     quic = QuicClient(endpoint, bytes.fromhex(peer_hex), int(quic_port))
     reader, writer = await asyncio.open_connection("127.0.0.1", int(tcp_port))
@@ -193,10 +195,15 @@ def main() -> None:
         "--udp-payload", type=int, default=1452, help="max UDP payload (above 1452: trusted path)"
     )
     parser.add_argument("--cpp", help="path of the C++-only benchmark program to run afterwards")
+    parser.add_argument(
+        "--io-thread-reads",
+        action="store_true",
+        help="both endpoints with TransportConfig(loop_reads_socket=False): the I/O thread reads the socket",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve(args.udp_payload))
+        asyncio.run(serve(args.udp_payload, not args.io_thread_reads))
         return
     asyncio.run(run_client(args))
     if args.cpp:

@@ -33,12 +33,18 @@ class TransportConfig:
     max_udp_payload: int = 1452
     gso: bool = True
     gro: bool = True
+    # The event loop's thread reads the socket (one wake-up per message: lower latency for small
+    # messages); False leaves it to the I/O thread, which moves bulk transfers faster and steadier
+    # (docs/transport.md, "Who reads the socket").
+    loop_reads_socket: bool = True
+
+    _PYTHON_ONLY = ("request_timeout_s", "loop_reads_socket")
 
     def to_native(self, native_config_type: type) -> Any:
-        """The native ``_core.quic.Config`` with these values (request_timeout_s stays in Python)."""
+        """The native ``_core.quic.Config`` with these values (the _PYTHON_ONLY ones stay in Python)."""
         native = native_config_type()
         for f in fields(self):
-            if f.name != "request_timeout_s":
+            if f.name not in self._PYTHON_ONLY:
                 setattr(native, f.name, getattr(self, f.name))
         return native
 

@@ -57,8 +57,9 @@ class Endpoint:
         self.peer_id: bytes = native.peer_id
         self.port: int = native.port
         loop.add_reader(native.event_fd, self._on_events)
-        loop.add_reader(native.socket_fd, self._on_datagrams)
-        native.receive_on_consumer_thread(True)
+        if config.loop_reads_socket:
+            loop.add_reader(native.socket_fd, self._on_datagrams)
+            native.receive_on_consumer_thread(True)
 
     @classmethod
     async def start(
@@ -183,7 +184,8 @@ class Endpoint:
         """True before work that holds the loop's thread for long (a forward), False after: meanwhile
         the I/O thread reads the socket, so ACKs, flow control and transfers to this endpoint keep
         moving; the messages that arrive wait for the loop, as they would anyway."""
-        self._native.receive_on_consumer_thread(not busy)
+        if self._config.loop_reads_socket:
+            self._native.receive_on_consumer_thread(not busy)
 
     def _on_datagrams(self) -> None:
         self._native.receive()
@@ -281,7 +283,7 @@ class Endpoint:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._loop.remove_reader(self._native.event_fd)
-        self._loop.remove_reader(self._native.socket_fd)
+        self._loop.remove_reader(self._native.socket_fd)  # a no-op when the I/O thread reads it
         self._native.close()
         for event in self._native.poll():
             entry = self._pending.pop(event[1], None) if event[0] == _FAILED else None

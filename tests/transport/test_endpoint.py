@@ -52,9 +52,13 @@ def test_peer_id_is_sha256_of_the_public_key() -> None:
     run(main())
 
 
-def test_echo_of_tensors_roundtrips_exactly() -> None:
+@pytest.mark.parametrize("loop_reads_socket", [True, False], ids=["loop-reads", "io-thread-reads"])
+def test_echo_of_tensors_roundtrips_exactly(loop_reads_socket: bool) -> None:
     async def main() -> None:
-        a, b = await pair()
+        config = TransportConfig(loop_reads_socket=loop_reads_socket)
+        a, b = await pair(config, config)
+        b.set_busy(True)  # lends the socket to the I/O thread, or nothing when it reads anyway
+        b.set_busy(False)
         seen: list[bytes] = []
 
         def handler(peer_id: bytes, buffer: _core.Buffer) -> object:
