@@ -121,7 +121,7 @@ class ComputeScheduler:
         self.gather_s = gather_s
         self.stats = ComputeStats()
         self._busy = busy
-        self._lent = False  # busy(True) was called for the inline work running now
+        self._lent: Callable[[bool], None] | None = None  # busy, when it was called for the work running now
         self._decode_row_s = decode_row_s
         self._prefill_token_s = prefill_token_s
         self._loop = asyncio.get_running_loop()
@@ -268,15 +268,15 @@ class ComputeScheduler:
         if not self._computing.acquire(blocking=False):
             return False  # the compute thread is busy: queue behind its work
         if self._busy is not None and expected_s >= LEND_SOCKET_S:
-            self._busy(True)
-            self._lent = True
+            self._lent = self._busy
+            self._lent(True)
         self._inline_started = time.perf_counter()
         return True
 
     def _end_inline(self) -> None:
-        if self._lent and self._busy is not None:
-            self._busy(False)
-            self._lent = False
+        if self._lent is not None:
+            self._lent(False)
+            self._lent = None
         self._computing.release()
         self.stats.inline_jobs += 1
         if self._inline_spent == 0.0:

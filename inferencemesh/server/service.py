@@ -335,7 +335,7 @@ class WorkerService:
         """The message that takes the step's output on: the one encoded ahead for it (see
         :meth:`_prepare_next`) when the step is the one expected, else encoded now."""
         prepared, session.prepared = session.prepared, None
-        if isinstance(prepared, _Prepared) and prepared.matches(step):
+        if prepared is not None and prepared.matches(step):
             self.prepared_steps += 1
             if prepared.outgoing is not None:
                 prepared.outgoing.renumber(step.step_id)

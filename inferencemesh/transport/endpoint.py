@@ -5,7 +5,8 @@ The endpoint's I/O thread lives in C++ and runs its timers. The loop's thread re
 then waking this one cost ~0.1 ms more per message on a loaded VM. While the loop's thread is busy
 for long (:meth:`Endpoint.set_busy`) the I/O thread reads instead and reports through an eventfd, also
 watched with ``add_reader``, so nothing polls. Requests resolve futures; incoming frames are handed
-to the handler set with ``set_handler``. Everything runs on the loop's thread except
+to the handler set with ``set_handler``. With ``TransportConfig(loop_reads_socket=False)`` the I/O
+thread always reads (steadier for bulk transfers). Everything runs on the loop's thread except
 :meth:`Endpoint.send_soon`, which any thread may call (the native endpoint is thread-safe).
 """
 
