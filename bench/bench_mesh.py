@@ -7,9 +7,11 @@
 The three decode one token each in turn (transformers, engine, mesh, transformers, ...), so machine
 noise hits them alike; TTFT is the median of --ttft-runs prefills, also taken in turn.
 
-Reports time to first token (TTFT) for the chat prompt, decode tokens/s, the per-hop overhead
-((mesh decode step - one-process engine decode step) / 3 workers; the engine step is the sum of the
-three spans' compute), and aggregate decode tokens/s with 1, 4 and 16 concurrent sessions, stepped
+Reports time to first token (TTFT) for the chat prompt, decode tokens/s, the per-hop overhead two
+ways: (mesh decode step - one-process engine decode step) / 3 workers, and, step by step, (the step's
+time in the swarm - the three workers' forwards of that very step) / 3 (workers report each decode
+step's forward time when a PING asks for ``step_times``), and aggregate decode tokens/s with 1, 4
+and 16 concurrent sessions, stepped
 two ways: by one client's ``generate_batch`` (each round sends every session's step at once) and by
 one thread per session (independent users of one client).
 
@@ -76,14 +78,12 @@ def side_by_side(
     sessions = {name: factory() for name, factory in factories.items()}
     next_token = {name: int(session.step(prompt_ids).argmax()) for name, session in sessions.items()}
     steps: dict[str, list[float]] = {name: [] for name in factories}
-    chain: list[float] = []  # the mesh step's time in the swarm (InferenceSession.last_chain_s)
     for _ in range(tokens):
         for name, session in sessions.items():
             started = time.perf_counter()
             logits = session.step([next_token[name]])
             steps[name].append(time.perf_counter() - started)
             next_token[name] = int(logits.argmax())
-            chain.append(getattr(session, "last_chain_s", 0.0))
     for session in sessions.values():
         session.close()
     return {
@@ -91,31 +91,55 @@ def side_by_side(
             "ttft_s": statistics.median(ttft[name][1:]),
             "decode_tps": tokens / sum(steps[name]),
             "step_s": statistics.median(steps[name]),
-            "chain_s": statistics.median([c for c in chain if c > 0] or [0.0]),
         }
         for name in factories
     }
 
 
-def workers_compute(client: DistributedModelForCausalLM, swarm: LocalSwarm) -> dict[str, tuple[int, float]]:
-    """Each worker's (decode batches, decode seconds) so far, from its PING answer."""
+class TimedMeshSession:
+    """A mesh session that keeps each decode step's id and time in the swarm (sent -> result)."""
+
+    def __init__(self, session: Any, chains: dict[int, float]) -> None:
+        self._session = session
+        self._chains = chains
+
+    def step(self, token_ids: list[int]) -> torch.Tensor:
+        logits = self._session.step(token_ids)
+        if len(token_ids) == 1:
+            self._chains[self._session.last_step_id] = self._session.last_chain_s
+        return logits
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def workers_step_times(client: DistributedModelForCausalLM, swarm: LocalSwarm) -> list[dict[int, float]]:
+    """Each worker's forward time of its latest decode steps, by step id (PING with step_times)."""
     from inferencemesh.cli.status import collect
     from inferencemesh.p2p.address import parse_host_port
     from inferencemesh.protocol.messages import MessageKind
 
-    async def ping_all() -> dict[str, tuple[int, float]]:
+    async def ping_all() -> list[dict[int, float]]:
         report = await collect([swarm.bootstrap], "127.0.0.1")
-        stats = {}
+        times = []
         for worker in report["models"][0]["workers"]:
             address = parse_host_port(worker["addresses"][0])
             pong = await client.runtime.request(
-                bytes.fromhex(worker["peer_id"]), address, MessageKind.PING, {}, 5.0
+                bytes.fromhex(worker["peer_id"]), address, MessageKind.PING, {"step_times": True}, 5.0
             )
-            compute = pong.metadata["compute"]
-            stats[worker["layers"]] = (compute["decode_batches"], compute["decode_seconds"])
-        return stats
+            times.append({step_id: seconds for step_id, seconds in pong.metadata["step_times"]})
+        return times
 
     return client.runtime.call(ping_all())
+
+
+def per_hop_overheads(chains: dict[int, float], forwards: list[dict[int, float]]) -> list[float]:
+    """(a step's time in the swarm - every worker's forward of it) / hops, for each step all reported."""
+    return sorted(
+        (chain - sum(worker[step_id] for worker in forwards)) / len(forwards)
+        for step_id, chain in chains.items()
+        if all(step_id in worker for worker in forwards)
+    )
 
 
 def batch_tps(
@@ -243,19 +267,14 @@ def main() -> None:
             reference = reference.to(args.device).eval()
             engine = LocalModel.load(model_dir, device=args.device, progress=False)
             length = len(prompt_ids) + args.decode_tokens + 1
+            chains: dict[int, float] = {}
             factories: dict[str, Callable[[], Session]] = {
                 "transformers": lambda: TransformersSession(reference),
                 "engine": lambda: engine.new_session(length),
-                "mesh": lambda: client.inference_session(length),
+                "mesh": lambda: TimedMeshSession(client.inference_session(length), chains),
             }
-            before = workers_compute(client, swarm)
             results = side_by_side(factories, prompt_ids, args.decode_tokens, args.ttft_runs)
-            after = workers_compute(client, swarm)
-            # Decode batches of the warm-up and TTFT rounds are single-token-free (prefills), so the
-            # difference is the decode phase: one batch per mesh step and worker.
-            span_compute = sum(
-                (after[k][1] - before[k][1]) / max(1, after[k][0] - before[k][0]) for k in after
-            )
+            hops = per_hop_overheads(chains, workers_step_times(client, swarm))
             batched = {
                 waves: {
                     n: batch_tps(client, prompt_ids, n, args.decode_tokens, waves or None)
@@ -277,11 +296,11 @@ def main() -> None:
         )
     overhead = (results["mesh"]["step_s"] - results["engine"]["step_s"]) / 3
     print(f"per-hop overhead: {overhead * 1e3:.3f} ms (median mesh step - median engine step, / 3 workers)")
-    transport = (results["mesh"]["chain_s"] - span_compute) / 3
+    quartiles = statistics.quantiles(hops, n=4)
     print(
-        f"per-hop overhead: {transport * 1e3:.3f} ms (median time of a step in the swarm, "
-        f"{results['mesh']['chain_s'] * 1e3:.2f} ms, - mean compute the workers measured, "
-        f"{span_compute * 1e3:.2f} ms, / 3 workers)"
+        f"per-hop overhead: {quartiles[1] * 1e3:.3f} ms (each step's time in the swarm - the workers' "
+        f"forwards of it, / 3 workers; median of {len(hops)} steps, middle half "
+        f"{quartiles[0] * 1e3:.3f}-{quartiles[2] * 1e3:.3f} ms)"
     )
     aggregates = {f"generate_batch, waves={w or 'default'}": batched[w] for w in args.waves}
     aggregates["thread per session"] = threaded

@@ -62,6 +62,11 @@ class InferenceSession:
         return self._remote.last_chain_s
 
     @property
+    def last_step_id(self) -> int:
+        """The last step's id: workers answer a PING with ``step_times`` with their forward time for it."""
+        return self._remote.last_step_id
+
+    @property
     def failovers(self) -> int:
         return len(self._remote.failovers)
 

@@ -137,6 +137,7 @@ class RemoteSession:
     hops: list[OpenHop] = field(default_factory=list)
     position: int = 0
     last_chain_s: float = 0.0  # the last step's time in the swarm: sent to the first hop -> result
+    last_step_id: int = 0  # its id (of its last chunk), as the workers' step_times name it
     failovers: list[Failover] = field(default_factory=list)
     _inputs: list[torch.Tensor] = field(default_factory=list)
     _providers: Providers = field(default_factory=dict)  # from the last DHT lookup
@@ -303,6 +304,7 @@ class RemoteSession:
 
     def _output(self, pending: PendingStep, message: Any) -> torch.Tensor:
         self.last_chain_s = time.perf_counter() - pending.started
+        self.last_step_id = pending.step_ids[-1]
         return message.tensors[0]
 
     def _finish(self, pending: PendingStep, message: Any) -> torch.Tensor:

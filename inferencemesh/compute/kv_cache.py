@@ -31,6 +31,7 @@ class SessionCache:
     length: int = 0
     last_used: float = field(default_factory=time.monotonic)
     freed: bool = False  # set when its manager frees it: the session has ended
+    last_decode_s: float = 0.0  # the latest decode batch this session was in: its forward's seconds
 
     @property
     def max_length(self) -> int:

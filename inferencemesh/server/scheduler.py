@@ -366,6 +366,8 @@ class ComputeScheduler:
         self.stats.decode_seconds += elapsed
         self.stats.decode_tokens += len(batch)
         self.stats.decode_batches += 1
+        for job in batch:
+            job.cache.last_decode_s = elapsed
         return output, None
 
     def _prefill(self, job: _Job, tokens: int) -> tuple[torch.Tensor | None, BaseException | None]:

@@ -16,6 +16,7 @@ up to REORDER_WAIT_S (a client may send several steps back to back, e.g. the chu
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 from collections.abc import Callable
@@ -59,6 +60,7 @@ MAX_QUEUED_STEPS = 64  # steps of one session waiting for their turn
 MAX_BURST = 4096  # most steps a client may announce as one burst
 REORDER_WAIT_S = 2.0  # how long a step waits for an earlier step of its session to arrive
 PREPARE_AFTER_S = 0.001  # when the next step's outgoing message is encoded, after a step's send
+STEP_TIMES_KEPT = 1024  # decode steps whose forward time a PING with step_times reports
 
 
 @dataclass
@@ -118,6 +120,9 @@ class WorkerService:
         self.draining = False
         self.errors = 0
         self.prepared_steps = 0  # steps whose outgoing message was encoded before they arrived
+        # (step id, seconds of the forward that computed it) of the latest decode steps: with the
+        # client's time for each step, what the swarm adds to a step besides compute (bench_mesh).
+        self.step_times: collections.deque[tuple[int, float]] = collections.deque(maxlen=STEP_TIMES_KEPT)
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, peer_id: bytes, buffer: Any) -> Any:
@@ -132,7 +137,10 @@ class WorkerService:
             self._step(peer_id, message)
             return None
         if message.kind == MessageKind.PING:  # answered at once: probes measure liveness and RTT
-            return encode_message(MessageKind.PONG, message.request_id, self.info())
+            info = self.info()
+            if message.metadata.get("step_times"):
+                info["step_times"] = [list(entry) for entry in self.step_times]
+            return encode_message(MessageKind.PONG, message.request_id, info)
         handler = self._requests.get(message.kind)
         if handler is None:
             return error_message(message.request_id, BadRequest(f"unknown message kind {message.kind}"))
@@ -327,8 +335,11 @@ class WorkerService:
             self.errors += 1
             failure = WorkerError(f"internal error: {error!r}")
             self._report(step.message.metadata["client"], step.step_id, failure)
-        elif outgoing is not None and _predictable(step):
-            asyncio.get_running_loop().call_later(PREPARE_AFTER_S, self._prepare_next, session, step)
+        else:
+            if step.hidden.shape[0] == 1:
+                self.step_times.append((step.step_id, session.cache.last_decode_s))
+            if outgoing is not None and _predictable(step):
+                asyncio.get_running_loop().call_later(PREPARE_AFTER_S, self._prepare_next, session, step)
         self._advance(session)
 
     def _outgoing(self, session: ServerSession, step: QueuedStep) -> _Outgoing | None:

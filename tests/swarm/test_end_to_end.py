@@ -206,6 +206,33 @@ def workers_decode_counts(client: DistributedModelForCausalLM) -> dict[str, tupl
     return counts
 
 
+def test_workers_report_each_decode_steps_forward_time_and_the_swarm_adds_the_rest(
+    client: DistributedModelForCausalLM,
+) -> None:
+    prompt_ids = client.encode_prompt(PROMPTS[0], chat=True)
+    chains: dict[int, float] = {}
+    with client.inference_session(max_length=len(prompt_ids) + 6) as session:
+        route = session.route
+        token = int(session.step(prompt_ids).argmax())
+        prefill_step = session.last_step_id
+        for _ in range(5):
+            token = int(session.step([token]).argmax())
+            chains[session.last_step_id] = session.last_chain_s
+
+    def ping(hop: dict[str, str], metadata: dict[str, bool]) -> dict[str, object]:
+        peer, address = bytes.fromhex(hop["peer_id"]), parse_host_port(hop["address"])
+        return client.runtime.call(
+            client.runtime.request(peer, address, MessageKind.PING, metadata, 5.0)
+        ).metadata
+
+    forwards = [dict(ping(hop, {"step_times": True})["step_times"]) for hop in route]
+    assert "step_times" not in ping(route[0], {})  # probes stay small
+    for step_id, chain in chains.items():
+        times = [worker[step_id] for worker in forwards]  # every hop computed every decode step
+        assert all(0 < t for t in times) and sum(times) < chain, (step_id, times, chain)
+    assert all(prefill_step not in worker for worker in forwards)  # decode steps only
+
+
 def test_generate_batch_computes_each_round_as_one_batch_in_every_worker(
     client: DistributedModelForCausalLM,
 ) -> None:
