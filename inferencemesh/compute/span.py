@@ -163,14 +163,22 @@ class Span:
         return output
 
     @torch.inference_mode()
-    def decode(self, hidden: torch.Tensor, caches: Sequence[SessionCache]) -> torch.Tensor:
+    def decode(
+        self, hidden: torch.Tensor, caches: Sequence[SessionCache], out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One new position for each of ``B`` sessions: ``hidden`` ``[B, hidden_size]`` -> same shape.
 
-        Sessions may have different lengths; the batch may change freely between calls.
+        Sessions may have different lengths; the batch may change freely between calls. ``out``: a
+        tensor of that shape, on the span's device and of its dtype, that the last block writes the
+        output into (a worker passes the outgoing message's buffer: no copy after the forward).
         """
         hidden = self._check_hidden(hidden)
         if hidden.shape[0] != len(caches):
             raise ValueError(f"{hidden.shape[0]} hidden rows for {len(caches)} sessions")
+        if out is not None and (
+            out.shape != hidden.shape or out.dtype != self.dtype or out.device != self.device
+        ):
+            raise ValueError(f"out must be {self.dtype} {list(hidden.shape)} on {self.device}")
         if len({id(cache) for cache in caches}) != len(caches):
             raise ValueError("a session appears twice in one decode batch")
         for cache in caches:
@@ -203,14 +211,19 @@ class Span:
                     )
             return torch.stack(outputs).view(len(caches), -1)
 
-        output = self._forward(hidden, cos, sin, attend)
+        output = self._forward(hidden, cos, sin, attend, out)
         for cache in caches:
             cache.length += 1
             cache.touch()
         return output
 
     def _forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attend: AttendFn,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         config = self.config
         rows = x.shape[0]
@@ -218,6 +231,7 @@ class Span:
         q_size, kv_size = config.q_size, config.kv_size
         eps = config.rms_norm_eps
         inter = config.intermediate_size
+        last = len(self.blocks) - 1
         for layer, block in enumerate(self.blocks):
             qkv = block.qkv(rms_norm(x, block.attn_norm, eps))
             # q and k heads are adjacent in the fused projection: one rope call rotates both.
@@ -226,7 +240,8 @@ class Span:
             v = qkv[:, q_size + kv_size :].view(rows, kv_heads, head_dim)
             x = x + block.o(attend(layer, q, k, v))
             gate_up = block.gate_up(rms_norm(x, block.mlp_norm, eps))
-            x = x + block.down(F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+            mlp = block.down(F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+            x = torch.add(x, mlp, out=out) if layer == last and out is not None else x + mlp
         return x
 
     @contextmanager

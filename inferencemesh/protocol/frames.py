@@ -49,17 +49,22 @@ def encode_message(
     limits: FrameLimits = DEFAULT_LIMITS,
 ) -> _core.EncodedFrame:
     """Encodes a message. Tensors must be contiguous and in host memory (FrameError otherwise)."""
-    packed = msgpack.packb(dict(metadata or {}), use_bin_type=True)
     return _core.encode_frame(
         kind,
         request_id,
-        packed,
+        pack_metadata(metadata),
         tensors,
         flags,
         limits.max_frame_size,
         limits.max_metadata_size,
         limits.max_tensors,
     )
+
+
+def pack_metadata(metadata: Mapping[str, Any] | None) -> bytes:
+    """The metadata block :func:`encode_message` writes: the same map in the same key order always
+    gives the same bytes (msgpack picks the shortest form of each value)."""
+    return msgpack.packb(dict(metadata or {}), use_bin_type=True)
 
 
 def decode_metadata(packed: bytes) -> dict[str, Any]:
@@ -74,7 +79,16 @@ def decode_metadata(packed: bytes) -> dict[str, Any]:
 
 def decode_message(buffer: Any, *, limits: FrameLimits = DEFAULT_LIMITS) -> Message:
     """Validates a complete frame held in ``buffer`` (a ``_core.Buffer`` or any bytes-like object)."""
-    frame = _core.decode_frame(buffer, limits.max_frame_size, limits.max_metadata_size, limits.max_tensors)
+    return message_from_frame(decode_frame(buffer, limits=limits))
+
+
+def decode_frame(buffer: Any, *, limits: FrameLimits = DEFAULT_LIMITS) -> _core.DecodedFrame:
+    """Validates a complete frame's layout: header, metadata and tensor bounds, not the metadata."""
+    return _core.decode_frame(buffer, limits.max_frame_size, limits.max_metadata_size, limits.max_tensors)
+
+
+def message_from_frame(frame: _core.DecodedFrame) -> Message:
+    """The message a validated frame holds (its tensors view the frame's buffer)."""
     return Message(
         kind=frame.kind,
         request_id=frame.request_id,

@@ -73,6 +73,7 @@ class _Job:
     hidden: torch.Tensor  # [tokens, hidden_size]
     done: Done
     burst: Burst | None = None
+    out: torch.Tensor | None = None  # where a decode that runs alone writes its output
     arrived: float = 0.0  # time.perf_counter() when a decode was submitted
     done_tokens: int = 0
     outputs: list[torch.Tensor] = field(default_factory=list)
@@ -146,13 +147,20 @@ class ComputeScheduler:
         self._thread.start()
 
     def submit(
-        self, cache: SessionCache, hidden: torch.Tensor, done: Done, burst: Burst | None = None
+        self,
+        cache: SessionCache,
+        hidden: torch.Tensor,
+        done: Done,
+        burst: Burst | None = None,
+        out: torch.Tensor | None = None,
     ) -> None:
         """Runs ``hidden`` [tokens, hidden_size] through the span, continuing ``cache``; event loop only.
-        ``burst``: the decode step is one of a burst, to be batched with the rest of it."""
+        ``burst``: the decode step is one of a burst, to be batched with the rest of it. ``out``: for a
+        decode, a tensor like ``hidden`` the output goes to if the step runs in a batch of its own
+        (see Span.decode; ``done`` then gets ``out`` itself), else it gets a view of the batch's output."""
         if self._stopping:
             raise RuntimeError("the compute loop has stopped")
-        job = _Job(cache, hidden, done, burst)
+        job = _Job(cache, hidden, done, burst, out)
         others_active = self._others_active(id(cache))
         self._recent[id(cache)] = (weakref.ref(cache), time.perf_counter())
         if hidden.shape[0] == 1:
@@ -229,7 +237,7 @@ class ComputeScheduler:
             finally:
                 self._end_inline()
             for row, job in enumerate(batch):
-                _settle(job, None if output is None else output[row : row + 1], error)
+                _settle(job, _row(output, row, len(batch)), error)
         if held:
             now = time.perf_counter()
             for burst in {job.burst for job in held if job.burst is not None}:
@@ -340,7 +348,7 @@ class ComputeScheduler:
                 if batch:
                     output, error = self._decode(batch)
                     for row, job in enumerate(batch):
-                        self._deliver(job, None if output is None else output[row : row + 1], error)
+                        self._deliver(job, _row(output, row, len(batch)), error)
                 if prefill is not None:
                     self._run_prefill_chunk(prefill)
 
@@ -356,8 +364,12 @@ class ComputeScheduler:
     def _decode(self, batch: list[_Job]) -> tuple[torch.Tensor | None, BaseException | None]:
         started = time.perf_counter()
         try:
-            hidden = torch.cat([job.hidden for job in batch]) if len(batch) > 1 else batch[0].hidden
-            output = self.span.decode(hidden, [job.cache for job in batch])
+            if len(batch) > 1:
+                output = self.span.decode(
+                    torch.cat([job.hidden for job in batch]), [job.cache for job in batch]
+                )
+            else:
+                output = self.span.decode(batch[0].hidden, [batch[0].cache], batch[0].out)
         except Exception as exc:
             return None, exc
         elapsed = time.perf_counter() - started
@@ -395,6 +407,14 @@ def _settle(job: _Job, output: torch.Tensor | None, error: BaseException | None)
         job.done(output, error)
     except Exception:
         log.exception("a compute result could not be handled")
+
+
+def _row(output: torch.Tensor | None, row: int, rows: int) -> torch.Tensor | None:
+    """A batch's output for its ``row``: the output itself in a batch of one (a slice is a torch
+    call, which costs ~10-40 us after a forward has left the caches cold)."""
+    if output is None or rows == 1:
+        return output
+    return output[row : row + 1]
 
 
 def _ema(average: float, sample: float, weight: float = 0.1) -> float:

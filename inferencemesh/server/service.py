@@ -19,6 +19,7 @@ import asyncio
 import collections
 import functools
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,7 +31,14 @@ from inferencemesh.compute.span import Span, format_block_range
 from inferencemesh.p2p.address import parse_host_port
 from inferencemesh.p2p.identity import short_id
 from inferencemesh.protocol.errors import FrameError
-from inferencemesh.protocol.frames import FrameLimits, Message, decode_message, encode_message
+from inferencemesh.protocol.frames import (
+    FrameLimits,
+    Message,
+    decode_frame,
+    encode_message,
+    message_from_frame,
+    pack_metadata,
+)
 from inferencemesh.protocol.messages import (
     BadRequest,
     CacheFull,
@@ -80,11 +88,14 @@ class _Outgoing:
         self.frame.set_request_id(step_id)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Prepared:
     """The outgoing message of a session's expected next step, encoded before the step arrives."""
 
+    session: ServerSession
     metadata: dict[str, Any]  # the STEP metadata the next step is expected to carry
+    packed: bytes  # the same, as the step's frame carries it
+    hidden_info: tuple[str, tuple[int, int]]  # its hidden state's dtype and shape, as tensor_info gives
     outgoing: _Outgoing | None
 
     def matches(self, step: QueuedStep) -> bool:
@@ -120,6 +131,9 @@ class WorkerService:
         self.draining = False
         self.errors = 0
         self.prepared_steps = 0  # steps whose outgoing message was encoded before they arrived
+        # Sessions' prepared next steps by the metadata bytes the step will carry (see _expected_step);
+        # an entry goes when its session drops the _Prepared.
+        self._expected: weakref.WeakValueDictionary[bytes, _Prepared] = weakref.WeakValueDictionary()
         # (step id, seconds of the forward that computed it) of the latest decode steps: with the
         # client's time for each step, what the swarm adds to a step besides compute (bench_mesh).
         self.step_times: collections.deque[tuple[int, float]] = collections.deque(maxlen=STEP_TIMES_KEPT)
@@ -128,7 +142,10 @@ class WorkerService:
     def handle(self, peer_id: bytes, buffer: Any) -> Any:
         """The endpoint's handler: None for a STEP (handled inline), else the response or a coroutine."""
         try:
-            message = decode_message(buffer, limits=self.frame_limits)
+            frame = decode_frame(buffer, limits=self.frame_limits)
+            if frame.kind == MessageKind.STEP and self._expected_step(peer_id, frame):
+                return None
+            message = message_from_frame(frame)
         except FrameError as exc:
             log.warning("malformed frame from %s: %s", short_id(peer_id), exc)
             self.errors += 1
@@ -237,13 +254,51 @@ class WorkerService:
             session, step = self._accept(client, message)
             session.queue(step)
             self._advance(session)
-        except WorkerError as exc:
-            self._note_refusal(sender, message.kind, exc)
-            self._report(client, message.request_id, exc)
         except Exception as exc:
-            log.exception("step %d of client %s failed", message.request_id, short_id(client))
-            self.errors += 1
-            self._report(client, message.request_id, WorkerError(f"internal error: {exc!r}"))
+            self._step_failed(sender, client, message.request_id, exc)
+
+    def _step_failed(self, sender: bytes, client: bytes, step_id: int, exc: Exception) -> None:
+        if isinstance(exc, WorkerError):
+            self._note_refusal(sender, MessageKind.STEP, exc)
+            self._report(client, step_id, exc)
+            return
+        log.error("step %d of client %s failed", step_id, short_id(client), exc_info=exc)
+        self.errors += 1
+        self._report(client, step_id, WorkerError(f"internal error: {exc!r}"))
+
+    def _expected_step(self, sender: bytes, frame: Any) -> bool:
+        """Starts the STEP in ``frame`` if it is the one a session's prepared message waits for (see
+        :meth:`_prepare_next`): its metadata, byte for byte, what that foresaw, its hidden state of
+        the same dtype and shape as the step before. Those passed every check of :meth:`_accept`
+        one step earlier, so comparing them stands for decoding and checking them again: after the
+        other workers' forwards, with every cache cold, that took ~120 us of each hop (traced).
+        False: not such a step; the caller handles it in full."""
+        prepared = self._expected.get(frame.metadata)
+        if prepared is None:
+            return False
+        session = prepared.session
+        position = prepared.metadata["position"]
+        startable = (
+            session.prepared is prepared
+            and not session.cache.freed
+            and not session.running
+            and not session.pending
+            and not self.draining
+            and position == session.cache.length < session.cache.max_length
+            and frame.request_id > session.last_step
+            and frame.tensor_count == 1
+            and frame.tensor_info(0)[:2] == prepared.hidden_info
+        )
+        if not startable:
+            return False
+        hidden = torch.from_dlpack(frame.dlpack(0))
+        message = Message(frame.kind, frame.request_id, prepared.metadata, [hidden], frame.flags)
+        try:
+            session.queue(QueuedStep(frame.request_id, position, hidden, prepared.metadata["chain"], message))
+            self._advance(session)
+        except Exception as exc:
+            self._step_failed(sender, session.client, frame.request_id, exc)
+        return True
 
     def _accept(self, client: bytes, message: Message) -> tuple[ServerSession, QueuedStep]:
         metadata = message.metadata
@@ -290,6 +345,7 @@ class WorkerService:
                     step.hidden,
                     functools.partial(self._computed, session, step, outgoing),
                     step.burst,
+                    self._output_buffer(step, outgoing),
                 )
             except RuntimeError as exc:  # the compute loop stopped: the worker is shutting down
                 session.running = False
@@ -324,9 +380,10 @@ class WorkerService:
         try:
             if error is None and outgoing is not None:
                 assert output is not None
-                rows = outgoing.buffer.shape[0]  # all of the output's rows, or the last (last_only)
-                # Into host memory, if on a GPU; slicing only when needed saves a cold torch call.
-                outgoing.buffer.copy_(output if output.shape[0] == rows else output[-rows:])
+                if output is not outgoing.buffer:  # not computed into it (see _output_buffer)
+                    rows = outgoing.buffer.shape[0]  # all of the output's rows, or the last (last_only)
+                    # Into host memory, if on a GPU; slicing only when needed saves a cold torch call.
+                    outgoing.buffer.copy_(output if output.shape[0] == rows else output[-rows:])
                 self._send_outgoing(outgoing)
         except Exception as exc:
             error = exc
@@ -354,6 +411,14 @@ class WorkerService:
         rows = step.hidden.shape[0]
         return self._encode_outgoing(session, step.step_id, step.message.metadata, step.position, rows)
 
+    def _output_buffer(self, step: QueuedStep, outgoing: _Outgoing | None) -> torch.Tensor | None:
+        """Where a decode step's forward may write its output: the outgoing message's buffer, when it
+        is in the span's memory (the CPU). Copying the output there after the forward cost ~50 us of
+        every hop, all of it cold (traced, docs/benchmarks.md)."""
+        if outgoing is None or step.hidden.shape[0] != 1 or self.span.device.type != "cpu":
+            return None
+        return outgoing.buffer
+
     def _prepare_next(self, session: ServerSession, step: QueuedStep) -> None:
         """Encodes the outgoing message of the session's expected next step after ``step``: one row at
         the next position, with the same metadata otherwise (as a client decoding one token after
@@ -369,7 +434,10 @@ class WorkerService:
         # The step id is not known yet (the client numbers steps across its sessions): _outgoing sets
         # it when the step arrives.
         outgoing = self._encode_outgoing(session, 0, expected, expected["position"], 1)
-        session.prepared = _Prepared(expected, outgoing)
+        dtype = str(step.hidden.dtype).removeprefix("torch.")
+        hidden_info = (dtype, (1, self.span.config.hidden_size))
+        session.prepared = _Prepared(session, expected, pack_metadata(expected), hidden_info, outgoing)
+        self._expected[session.prepared.packed] = session.prepared
 
     def _encode_outgoing(
         self, session: ServerSession, step_id: int, metadata: dict[str, Any], position: int, rows: int

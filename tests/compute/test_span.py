@@ -104,6 +104,22 @@ def test_batched_decode_matches_single_sessions(tiny) -> None:
     assert [caches[sid].length for sid in ("a", "b", "c")] == [7, 13, 4]
 
 
+def test_decode_writes_into_a_given_output_tensor_exactly(tiny) -> None:
+    span, head = tiny
+    manager = span.cache_manager(1 << 22)
+    ours, reference = manager.allocate("ours", 16), manager.allocate("reference", 16)
+    for cache in (ours, reference):
+        span.prefill(head.embed(TOKENS[:4]), cache)
+    hidden = head.embed([TOKENS[4]])
+    out = torch.full_like(hidden, float("nan"))
+    assert span.decode(hidden, [ours], out=out) is out
+    assert torch.equal(out, span.decode(hidden, [reference]))  # the same bits as without
+    for wrong in (torch.empty(2, hidden.shape[1]), out.double()):
+        with pytest.raises(ValueError, match="out must be"):
+            span.decode(hidden, [ours], out=wrong)
+    assert ours.length == 5  # a refused call leaves the session as it was
+
+
 def test_truncate_and_replay_reproduce_the_states(tiny) -> None:
     span, head = tiny
     cache = span.cache_manager(1 << 22).allocate("s", 32)

@@ -50,7 +50,11 @@ def scheduler(
 
 
 async def compute(
-    sched: ComputeScheduler, cache: SessionCache, hidden: torch.Tensor, burst: Burst | None = None
+    sched: ComputeScheduler,
+    cache: SessionCache,
+    hidden: torch.Tensor,
+    burst: Burst | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     done: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
 
@@ -60,7 +64,7 @@ async def compute(
         else:
             done.set_result(output)
 
-    sched.submit(cache, hidden, settle, burst)
+    sched.submit(cache, hidden, settle, burst, out)
     return await done
 
 
@@ -164,6 +168,36 @@ def test_decodes_submitted_in_one_loop_turn_run_as_one_batch(span: Span, caches:
     sched.stop()
     assert sched.stats.decode_batches == 1 and sched.stats.decode_tokens == 3
     assert_each_is_the_span_output(span, caches, prompts, steps, outputs)
+
+
+def test_a_decode_alone_writes_into_its_output_tensor_and_one_in_a_batch_gets_its_row(
+    span: Span, caches: KVCacheManager
+) -> None:
+    torch.manual_seed(2)
+    prompts = [torch.randn(3, HIDDEN), torch.randn(4, HIDDEN)]
+    steps = torch.randn(2, HIDDEN)
+    outs = [torch.full((1, HIDDEN), float("nan")) for _ in steps]
+
+    async def run() -> list[torch.Tensor]:
+        sched = scheduler(span)
+        sessions = [caches.allocate(i, 32) for i in range(2)]
+        for cache, prompt in zip(sessions, prompts, strict=True):
+            await compute(sched, cache, prompt)
+        alone = await compute(sched, sessions[0], steps[0:1], out=outs[0])
+        together = await asyncio.gather(
+            compute(sched, sessions[1], steps[1:2], out=outs[1]),
+            compute(sched, sessions[0], steps[0:1]),  # makes it a batch of two
+        )
+        sched.stop()
+        assert all(cache.last_decode_s > 0 for cache in sessions)
+        return [alone, together[0]]
+
+    alone, batched = asyncio.run(run())
+    assert alone is outs[0]  # computed into it, no copy
+    assert batched is not outs[1] and outs[1].isnan().all()  # a batch's rows stay in its output
+    reference = caches.allocate("reference", 32)
+    span.prefill(prompts[0], reference)
+    torch.testing.assert_close(alone, span.decode(steps[0:1], [reference]), rtol=0, atol=0)
 
 
 def test_a_batch_waits_for_active_sessions_but_no_longer_than_one_batch_takes(

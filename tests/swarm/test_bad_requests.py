@@ -327,3 +327,33 @@ def test_decode_steps_go_out_in_the_message_encoded_ahead_and_stay_exact(
     torch.testing.assert_close(torch.cat(outputs), expected, rtol=1e-4, atol=1e-4)
     # Ours at 2, 3 and 5 (4 changed its metadata); the other session's at 1, 2 and 3.
     assert prepared_steps(runtime, first_worker) - before == 6
+
+
+def test_a_foreseen_step_is_checked_like_any_other(
+    runtime: MeshRuntime, first_worker: ProviderEntry, client: DistributedModelForCausalLM
+) -> None:
+    torch.manual_seed(6)
+    hidden = torch.randn(4, HIDDEN)
+    session_id, token = open_session(runtime, first_worker, client.model_id, max_length=4)
+    expected = one_shot(runtime, first_worker, client.model_id, hidden)
+    before = prepared_steps(runtime, first_worker)
+    outputs = [step(runtime, first_worker, session_id, token, 0, hidden[:2])]
+
+    def foreseen(position: int, row: torch.Tensor) -> torch.Tensor:
+        """A step with the metadata the worker foresaw for the session's next step."""
+        time.sleep(0.05)  # the worker encodes the next step's message meanwhile
+        return step(runtime, first_worker, session_id, token, position, row)
+
+    with pytest.raises(WrongDtype):
+        foreseen(2, hidden[2:3].double())
+    with pytest.raises(WrongShape):
+        foreseen(2, torch.randn(1, HIDDEN + 1))
+    outputs += [foreseen(2, hidden[2:3]), foreseen(3, hidden[3:4])]
+    # One-row and four-row forwards round differently (other kernels): ~1e-4 on random inputs.
+    torch.testing.assert_close(torch.cat(outputs), expected, rtol=1e-3, atol=1e-3)
+    assert prepared_steps(runtime, first_worker) - before == 2
+    with pytest.raises(LengthExceeded):
+        foreseen(4, hidden[3:4])
+    request(runtime, first_worker, MessageKind.CLOSE_SESSION, {"session_id": session_id, "token": token})
+    with pytest.raises(UnknownSession):
+        foreseen(4, hidden[3:4])
