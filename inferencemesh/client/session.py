@@ -270,7 +270,8 @@ class RemoteSession:
         first, rest = self.hops[0], self.hops[1:]
         chain = [[h.peer_id, h.entry.addresses[0], h.token] for h in rest]
         chunk = self.options.prefill_chunk
-        pieces = hidden.split(chunk) if chunk > 0 else (hidden,)
+        # No split for a step of one chunk: a torch call costs ~50 us right after the LM head.
+        pieces = hidden.split(chunk) if 0 < chunk < hidden.shape[0] else (hidden,)
         step_ids: list[int] = []
         results: list[concurrent.futures.Future[Any]] = []
         assert self.runtime.endpoint is not None
@@ -292,12 +293,11 @@ class RemoteSession:
             frame = encode_message(MessageKind.STEP, step_id, metadata, [piece])
             # A failed send fails the step; one that flow control holds up forever ends in a failover
             # like a result that never comes (the wait probes the hops).
+            fail = functools.partial(_fail, results[-1])
             try:
-                sending = self.runtime.endpoint.send_soon(first.peer_id, first.address, frame)
+                self.runtime.endpoint.send_or_report(first.peer_id, first.address, frame, fail)
             except TransportError as exc:
-                sending = concurrent.futures.Future()
-                sending.set_exception(exc)
-            sending.add_done_callback(functools.partial(_fail_with, results[-1]))
+                fail(exc)
         for partial in results[:-1]:  # partial steps never succeed; their errors fail the step
             partial.add_done_callback(functools.partial(_fail_with, results[-1]))
         return PendingStep(hidden, step_ids, results[-1], started)
@@ -443,7 +443,14 @@ def finish_steps(
     of them at once."""
     if not steps:
         return []
-    concurrent.futures.wait([pending.result for _, pending in steps], steps[0][0].options.step_timeout_s)
+    timeout = steps[0][0].options.step_timeout_s
+    if len(steps) == 1:  # a lone step waits on its own future: wait() builds a waiter and an event
+        try:
+            steps[0][1].result.exception(timeout)
+        except (TimeoutError, concurrent.futures.CancelledError):
+            pass  # told apart below
+    else:
+        concurrent.futures.wait([pending.result for _, pending in steps], timeout)
     outputs: list[torch.Tensor | None] = []
     slow: list[int] = []
     for index, (session, pending) in enumerate(steps):
@@ -461,10 +468,15 @@ def finish_steps(
 
 def _fail_with(result: concurrent.futures.Future[Any], other: concurrent.futures.Future[Any]) -> None:
     """Fails ``result`` with the error of the ``other`` operation, if it failed."""
-    if other.cancelled() or other.exception() is None or result.done():
+    if not other.cancelled() and other.exception() is not None:
+        _fail(result, other.exception())  # type: ignore[arg-type]
+
+
+def _fail(result: concurrent.futures.Future[Any], error: BaseException) -> None:
+    if result.done():
         return
     try:
-        result.set_exception(other.exception())
+        result.set_exception(error)
     except concurrent.futures.InvalidStateError:
         pass  # the result came meanwhile on another thread
 

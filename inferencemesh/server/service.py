@@ -496,16 +496,9 @@ class WorkerService:
         on_failure: Callable[[BaseException], None],
     ) -> None:
         try:
-            sending = self.endpoint.send_soon(peer, address, frame)
+            self.endpoint.send_or_report(peer, address, frame, on_failure)
         except TransportError as exc:
             on_failure(exc)
-            return
-
-        def sent(future: asyncio.Future[None]) -> None:
-            if not future.cancelled() and future.exception() is not None:
-                on_failure(future.exception())  # type: ignore[arg-type]
-
-        sending.add_done_callback(sent)
 
     @staticmethod
     def _client_unreachable(client: bytes, exc: BaseException) -> None:

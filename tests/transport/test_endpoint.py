@@ -16,6 +16,7 @@ from inferencemesh import _core
 from inferencemesh.protocol.frames import decode_message, encode_message
 from inferencemesh.transport import (
     Endpoint,
+    EndpointClosed,
     FrameTooLarge,
     HandshakeFailed,
     PeerIdMismatch,
@@ -298,8 +299,6 @@ def test_close_fails_outstanding_requests() -> None:
         pending = asyncio.ensure_future(a.request(b.peer_id, ("127.0.0.1", b.port), frame(ECHO), timeout=30))
         await asyncio.sleep(0.2)
         await a.close()
-        from inferencemesh.transport import EndpointClosed
-
         with pytest.raises(EndpointClosed):
             await pending
         await b.close()
@@ -463,3 +462,28 @@ def test_send_soon_hands_every_frame_over_from_any_thread_and_reports_failures_t
     received, error = run(scenario())
     assert sorted(received) == list(range(100))
     assert isinstance(error, PeerUnreachable)
+
+
+def test_send_or_report_hands_frames_over_and_calls_back_only_on_failure() -> None:
+    async def scenario() -> tuple[list[int], list[BaseException]]:
+        a, b = await pair()
+        received: list[int] = []
+        failures: list[BaseException] = []
+        b.set_handler(lambda peer_id, buffer: received.append(metadata_of(buffer)["n"]))
+        for n in range(20):
+            a.send_or_report(b.peer_id, ("127.0.0.1", b.port), frame(ECHO, {"n": n}), failures.append)
+        deadline = time.monotonic() + 5
+        while len(received) < 20 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        # A peer with no connection and no address, then a closed endpoint: reported, not raised.
+        a.send_or_report(new_key(), None, frame(ECHO), failures.append)
+        while not failures and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await a.close()
+        a.send_or_report(b.peer_id, ("127.0.0.1", b.port), frame(ECHO), failures.append)
+        await b.close()
+        return received, failures
+
+    received, failures = run(scenario())
+    assert sorted(received) == list(range(20))
+    assert [type(error) for error in failures] == [PeerUnreachable, EndpointClosed]
