@@ -61,6 +61,11 @@ def encode_message(
     )
 
 
+def dtype_code(dtype: torch.dtype) -> int:
+    """How frames name a tensor dtype (``_core.DTYPE_CODES``); KeyError for one they cannot carry."""
+    return _core.DTYPE_CODES[str(dtype).removeprefix("torch.")]
+
+
 def pack_metadata(metadata: Mapping[str, Any] | None) -> bytes:
     """The metadata block :func:`encode_message` writes: the same map in the same key order always
     gives the same bytes (msgpack picks the shortest form of each value)."""

@@ -35,6 +35,7 @@ from inferencemesh.protocol.frames import (
     FrameLimits,
     Message,
     decode_frame,
+    dtype_code,
     encode_message,
     message_from_frame,
     pack_metadata,
@@ -90,16 +91,23 @@ class _Outgoing:
 
 @dataclass(eq=False)
 class _Prepared:
-    """The outgoing message of a session's expected next step, encoded before the step arrives."""
+    """A session's expected next step, made ready before it arrives (see WorkerService._prepare_next):
+    the step itself, but for its id and hidden state, and the message that takes its output on."""
 
     session: ServerSession
-    metadata: dict[str, Any]  # the STEP metadata the next step is expected to carry
-    packed: bytes  # the same, as the step's frame carries it
-    hidden_info: tuple[str, tuple[int, int]]  # its hidden state's dtype and shape, as tensor_info gives
+    step: QueuedStep  # its hidden state: a tensor the arriving one is copied into
+    packed: bytes  # its metadata, as the step's frame will carry it
+    dtype_code: int  # the hidden state's dtype, as frames name it (the previous step's)
+    shape: tuple[int, int]  # the hidden state's shape: one row
+    hidden_bytes: Any  # the hidden state tensor's memory, as a writable buffer
     outgoing: _Outgoing | None
 
     def matches(self, step: QueuedStep) -> bool:
-        return step.hidden.shape[0] == 1 and step.message.metadata == self.metadata
+        """Whether ``step`` is the one foreseen (it may also have come decoded in full)."""
+        foreseen = self.step
+        return step is foreseen or (
+            step.hidden.shape[0] == 1 and step.message.metadata == foreseen.message.metadata
+        )
 
 
 def _field(metadata: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
@@ -276,28 +284,28 @@ class WorkerService:
         prepared = self._expected.get(frame.metadata)
         if prepared is None:
             return False
-        session = prepared.session
-        position = prepared.metadata["position"]
+        session, step = prepared.session, prepared.step
         startable = (
             session.prepared is prepared
             and not session.cache.freed
             and not session.running
             and not session.pending
             and not self.draining
-            and position == session.cache.length < session.cache.max_length
+            and step.position == session.cache.length < session.cache.max_length
             and frame.request_id > session.last_step
+            and frame.flags == step.message.flags
             and frame.tensor_count == 1
-            and frame.tensor_info(0)[:2] == prepared.hidden_info
+            # Last: it copies the hidden state into the step's tensor when dtype and shape match.
+            and frame.copy_tensor_into(0, prepared.dtype_code, prepared.shape, prepared.hidden_bytes)
         )
         if not startable:
             return False
-        hidden = torch.from_dlpack(frame.dlpack(0))
-        message = Message(frame.kind, frame.request_id, prepared.metadata, [hidden], frame.flags)
+        step.step_id = step.message.request_id = frame.request_id
         try:
-            session.queue(QueuedStep(frame.request_id, position, hidden, prepared.metadata["chain"], message))
+            session.queue(step)
             self._advance(session)
         except Exception as exc:
-            self._step_failed(sender, session.client, frame.request_id, exc)
+            self._step_failed(sender, session.client, step.step_id, exc)
         return True
 
     def _accept(self, client: bytes, message: Message) -> tuple[ServerSession, QueuedStep]:
@@ -430,14 +438,25 @@ class WorkerService:
         while the next hop wakes up, which the kernel often schedules on the same CPU."""
         if session.cache.freed or session.last_step != step.step_id or session.pending or session.running:
             return
-        expected = dict(step.message.metadata, position=step.position + step.hidden.shape[0])
+        position = step.position + step.hidden.shape[0]
+        expected = dict(step.message.metadata, position=position)
         # The step id is not known yet (the client numbers steps across its sessions): _outgoing sets
         # it when the step arrives.
-        outgoing = self._encode_outgoing(session, 0, expected, expected["position"], 1)
-        dtype = str(step.hidden.dtype).removeprefix("torch.")
-        hidden_info = (dtype, (1, self.span.config.hidden_size))
-        session.prepared = _Prepared(session, expected, pack_metadata(expected), hidden_info, outgoing)
-        self._expected[session.prepared.packed] = session.prepared
+        outgoing = self._encode_outgoing(session, 0, expected, position, 1)
+        shape = (1, self.span.config.hidden_size)
+        hidden = torch.empty(shape, dtype=step.hidden.dtype)
+        message = Message(MessageKind.STEP, 0, expected, [hidden], step.message.flags)
+        foreseen = QueuedStep(0, position, hidden, expected["chain"], message)
+        prepared = _Prepared(
+            session,
+            foreseen,
+            pack_metadata(expected),
+            dtype_code(hidden.dtype),
+            shape,
+            hidden.view(torch.uint8).view(-1).numpy(),  # its bytes, which copy_tensor_into fills
+            outgoing,
+        )
+        session.prepared = self._expected[prepared.packed] = prepared
 
     def _encode_outgoing(
         self, session: ServerSession, step_id: int, metadata: dict[str, Any], position: int, rows: int
