@@ -209,11 +209,13 @@ class Endpoint:
             self._native.receive_on_consumer_thread(not busy)
 
     def _on_datagrams(self) -> None:
-        self._native.receive()
-        self._on_events()
+        self._handle_events(self._native.receive())
 
     def _on_events(self) -> None:
-        for event in self._native.poll():
+        self._handle_events(self._native.poll())
+
+    def _handle_events(self, events: list[tuple[Any, ...]]) -> None:
+        for event in events:
             kind = event[0]
             if kind == _INCOMING:
                 self._dispatch(event[1], event[2], event[3], event[4])
