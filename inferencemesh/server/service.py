@@ -290,6 +290,7 @@ class WorkerService:
             and not session.cache.freed
             and not session.running
             and not session.pending
+            and session.gap_timer is None
             and not self.draining
             and step.position == session.cache.length < session.cache.max_length
             and frame.request_id > session.last_step
@@ -302,8 +303,7 @@ class WorkerService:
             return False
         step.step_id = step.message.request_id = frame.request_id
         try:
-            session.queue(step)
-            self._advance(session)
+            self._run(session, step)  # its turn: the session is idle with nothing queued
         except Exception as exc:
             self._step_failed(sender, session.client, step.step_id, exc)
         return True
@@ -344,24 +344,28 @@ class WorkerService:
             if session.gap_timer is not None:
                 session.gap_timer.cancel()
                 session.gap_timer = None
-            session.last_step = step.step_id
-            outgoing = self._outgoing(session, step)
-            session.running = True
-            try:
-                self.scheduler.submit(
-                    session.cache,
-                    step.hidden,
-                    functools.partial(self._computed, session, step, outgoing),
-                    step.burst,
-                    self._output_buffer(step, outgoing),
-                )
-            except RuntimeError as exc:  # the compute loop stopped: the worker is shutting down
-                session.running = False
-                self._report(step.message.metadata["client"], step.step_id, ShuttingDown(str(exc)))
+            self._run(session, step)
             return
         if session.gap_timer is None and session.waits_for_earlier_step():
             loop = asyncio.get_running_loop()
             session.gap_timer = loop.call_later(REORDER_WAIT_S, self._earlier_step_missing, session)
+
+    def _run(self, session: ServerSession, step: QueuedStep) -> None:
+        """Computes a step whose turn has come: the session's next, and none of its steps computing."""
+        session.last_step = step.step_id
+        outgoing = self._outgoing(session, step)
+        session.running = True
+        try:
+            self.scheduler.submit(
+                session.cache,
+                step.hidden,
+                functools.partial(self._computed, session, step, outgoing),
+                step.burst,
+                self._output_buffer(step, outgoing),
+            )
+        except RuntimeError as exc:  # the compute loop stopped: the worker is shutting down
+            session.running = False
+            self._report(step.message.metadata["client"], step.step_id, ShuttingDown(str(exc)))
 
     def _earlier_step_missing(self, session: ServerSession) -> None:
         session.gap_timer = None
