@@ -62,6 +62,12 @@ class InferenceSession:
         return self._remote.last_chain_s
 
     @property
+    def steps_encoded_ahead(self) -> int:
+        """Steps whose message was encoded while the step before computed (decode steps, one token
+        after another, on an unchanged route)."""
+        return self._remote.steps_encoded_ahead
+
+    @property
     def last_step_id(self) -> int:
         """The last step's id: workers answer a PING with ``step_times`` with their forward time for it."""
         return self._remote.last_step_id

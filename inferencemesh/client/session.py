@@ -52,6 +52,10 @@ from inferencemesh.transport.errors import TransportError
 
 log = logging.getLogger(__name__)
 
+# A lone step's wait encodes the next step's message after this long: while the hops compute, not
+# right after the send, when the first hop is often waking up on the caller's CPU.
+ENCODE_AHEAD_AFTER_S = 0.001
+
 
 class SessionFailed(RuntimeError):
     """The session could not continue: no route, or too many failed recoveries."""
@@ -118,6 +122,28 @@ class PendingStep:
 
 
 @dataclass
+class _EncodedAhead:
+    """The message of a session's next decode step, encoded before its token is known
+    (RemoteSession.encode_next); begin_step copies the token's hidden state into ``buffer``."""
+
+    position: int
+    hops: list[OpenHop]  # the route it was encoded for (the session's hops list, by identity)
+    step_id: int
+    result: concurrent.futures.Future[Any]
+    frame: Any
+    buffer: torch.Tensor  # [1, hidden_size]
+
+    def fits(self, hidden: torch.Tensor, position: int, hops: list[OpenHop]) -> bool:
+        buffer = self.buffer
+        return (
+            position == self.position
+            and hops is self.hops
+            and hidden.shape == buffer.shape
+            and hidden.dtype == buffer.dtype
+        )
+
+
+@dataclass
 class Failover:
     cause: str
     banned: list[bytes]
@@ -139,7 +165,9 @@ class RemoteSession:
     last_chain_s: float = 0.0  # the last step's time in the swarm: sent to the first hop -> result
     last_step_id: int = 0  # its id (of its last chunk), as the workers' step_times name it
     failovers: list[Failover] = field(default_factory=list)
+    steps_encoded_ahead: int = 0  # steps that went out in a message encoded before they began
     _inputs: list[torch.Tensor] = field(default_factory=list)
+    _ahead: _EncodedAhead | None = None
     _providers: Providers = field(default_factory=dict)  # from the last DHT lookup
 
     # ------------------------------------------------------------------ opening and closing
@@ -232,6 +260,7 @@ class RemoteSession:
         )
 
     async def close(self) -> None:
+        self._drop_ahead()
         await self._close_hops(self.hops)
         self.hops = []
 
@@ -255,7 +284,55 @@ class RemoteSession:
                 f"{hidden.shape[0]} more tokens at position {self.position} "
                 f"exceed max_length {self.max_length}"
             )
+        ahead = self._ahead
+        if ahead is not None and burst is None and ahead.fits(hidden, self.position, self.hops):
+            self._ahead = None
+            return self._send_ahead(ahead, hidden)
         return self._launch(hidden, self.position, burst)
+
+    def encode_next(self, pending: PendingStep) -> None:
+        """Encodes the message of the decode step expected after ``pending`` (one token, at the next
+        position, on the same route) while ``pending`` computes in the swarm: begin_step then copies
+        the token's hidden state in and sends it. Encoding it on the step's way took ~110 us, cold
+        after the LM head (traced, docs/benchmarks.md). Any other step drops it."""
+        position = self.position + pending.hidden.shape[0]
+        if self._ahead is not None or not self.hops or position >= self.max_length:
+            return
+        buffer = torch.empty(1, pending.hidden.shape[1], dtype=pending.hidden.dtype)
+        step_id, result = self.runtime.new_step()
+        metadata = self._step_metadata(position, partial=False)
+        frame = encode_message(MessageKind.STEP, step_id, metadata, [buffer])
+        self._ahead = _EncodedAhead(position, self.hops, step_id, result, frame, buffer)
+
+    def _send_ahead(self, ahead: _EncodedAhead, hidden: torch.Tensor) -> PendingStep:
+        started = time.perf_counter()
+        ahead.buffer.copy_(hidden)
+        self._send_first(ahead.frame, ahead.result)
+        self.steps_encoded_ahead += 1
+        return PendingStep(hidden, [ahead.step_id], ahead.result, started)
+
+    def _drop_ahead(self) -> None:
+        """Forgets the step encoded ahead: its id is older than any step sent since."""
+        if self._ahead is not None:
+            self.runtime.forget_step(self._ahead.step_id)
+            self._ahead = None
+
+    def _step_metadata(
+        self, position: int, partial: bool, burst: tuple[int, int] | None = None
+    ) -> dict[str, Any]:
+        """A STEP's metadata for the first hop: the session, its token and the rest of the chain."""
+        metadata = {
+            "client": self.runtime.identity.peer_id,
+            "session_id": self.session_id,
+            "token": self.hops[0].token,
+            "position": position,
+            "last_only": True,
+            "partial": partial,
+            "chain": [[h.peer_id, h.entry.addresses[0], h.token] for h in self.hops[1:]],
+        }
+        if burst is not None:
+            metadata["burst"] = list(burst)
+        return metadata
 
     def _launch(
         self, hidden: torch.Tensor, position: int, burst: tuple[int, int] | None = None
@@ -267,40 +344,33 @@ class RemoteSession:
         parallelism). Only the last chunk's result comes back; an error on any chunk fails the step.
         """
         started = time.perf_counter()
-        first, rest = self.hops[0], self.hops[1:]
-        chain = [[h.peer_id, h.entry.addresses[0], h.token] for h in rest]
+        self._drop_ahead()
         chunk = self.options.prefill_chunk
         # No split for a step of one chunk: a torch call costs ~50 us right after the LM head.
         pieces = hidden.split(chunk) if 0 < chunk < hidden.shape[0] else (hidden,)
         step_ids: list[int] = []
         results: list[concurrent.futures.Future[Any]] = []
-        assert self.runtime.endpoint is not None
         for index, piece in enumerate(pieces):
             step_id, result = self.runtime.new_step()
             step_ids.append(step_id)
             results.append(result)
-            metadata = {
-                "client": self.runtime.identity.peer_id,
-                "session_id": self.session_id,
-                "token": first.token,
-                "position": position + index * chunk,
-                "last_only": True,
-                "partial": index < len(pieces) - 1,
-                "chain": chain,
-            }
-            if burst is not None:
-                metadata["burst"] = list(burst)
-            frame = encode_message(MessageKind.STEP, step_id, metadata, [piece])
-            # A failed send fails the step; one that flow control holds up forever ends in a failover
-            # like a result that never comes (the wait probes the hops).
-            fail = functools.partial(_fail, results[-1])
-            try:
-                self.runtime.endpoint.send_or_report(first.peer_id, first.address, frame, fail)
-            except TransportError as exc:
-                fail(exc)
+            metadata = self._step_metadata(position + index * chunk, index < len(pieces) - 1, burst)
+            self._send_first(encode_message(MessageKind.STEP, step_id, metadata, [piece]), results[-1])
         for partial in results[:-1]:  # partial steps never succeed; their errors fail the step
             partial.add_done_callback(functools.partial(_fail_with, results[-1]))
         return PendingStep(hidden, step_ids, results[-1], started)
+
+    def _send_first(self, frame: Any, result: concurrent.futures.Future[Any]) -> None:
+        """Hands a STEP to QUIC for the first hop. A failed send fails the step's ``result``; one that
+        flow control holds up forever ends in a failover like a result that never comes (the wait
+        probes the hops)."""
+        assert self.runtime.endpoint is not None
+        first = self.hops[0]
+        fail = functools.partial(_fail, result)
+        try:
+            self.runtime.endpoint.send_or_report(first.peer_id, first.address, frame, fail)
+        except TransportError as exc:
+            fail(exc)
 
     def _output(self, pending: PendingStep, message: Any) -> torch.Tensor:
         self.last_chain_s = time.perf_counter() - pending.started
@@ -445,10 +515,10 @@ def finish_steps(
         return []
     timeout = steps[0][0].options.step_timeout_s
     if len(steps) == 1:  # a lone step waits on its own future: wait() builds a waiter and an event
-        try:
-            steps[0][1].result.exception(timeout)
-        except (TimeoutError, concurrent.futures.CancelledError):
-            pass  # told apart below
+        session, pending = steps[0]
+        if not _wait(pending.result, ENCODE_AHEAD_AFTER_S):
+            session.encode_next(pending)
+            _wait(pending.result, timeout - ENCODE_AHEAD_AFTER_S)
     else:
         concurrent.futures.wait([pending.result for _, pending in steps], timeout)
     outputs: list[torch.Tensor | None] = []
@@ -464,6 +534,15 @@ def finish_steps(
         for index, output in zip(slow, completed, strict=True):
             outputs[index] = output
     return outputs  # type: ignore[return-value]
+
+
+def _wait(result: concurrent.futures.Future[Any], timeout: float) -> bool:
+    """Waits up to ``timeout`` for ``result``; whether it is done (a result, an error or cancelled)."""
+    try:
+        result.exception(timeout)
+    except (TimeoutError, concurrent.futures.CancelledError):
+        pass
+    return result.done()
 
 
 def _fail_with(result: concurrent.futures.Future[Any], other: concurrent.futures.Future[Any]) -> None:

@@ -45,6 +45,9 @@ def test_inference_session_steps_match_one_shot_generation(
         for _ in range(8):
             tokens.append(int(logits.argmax()))
             logits = session.step([tokens[-1]])
+        # Each decode step went out in the message encoded while the step before computed (a step
+        # takes far longer than the 1 ms after which the wait encodes it).
+        assert session.steps_encoded_ahead == 8
     assert tokens == reference_tokens[PROMPTS[1]][:8]
 
 
