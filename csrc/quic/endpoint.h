@@ -78,6 +78,7 @@ class Endpoint final : public ConnectionHost {
   static constexpr size_t kBulkDatagrams = 32;
   static constexpr uint64_t kBulkReceiveNs = 10'000'000;  // 10 ms
   static constexpr long kBulkGapNs = 500'000;             // a bulk transfer paused this long has ended
+  static constexpr uint64_t kBulkSpinNs = 100'000;         // spun first, before sleeping for the gap
   // Reads the datagrams waiting on the socket and does the engine work they call for; their events go
   // to the sink without a flush (the caller takes them next). Waits for the engine if the I/O thread
   // holds it. While a bulk transfer runs (kBulkDatagrams or more read, or written after the ACKs
