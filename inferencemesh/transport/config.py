@@ -34,7 +34,7 @@ class TransportConfig:
     gso: bool = True
     gro: bool = True
     # The event loop's thread reads the socket (one wake-up per message: lower latency for small
-    # messages); False leaves it to the I/O thread, which moves bulk transfers faster and steadier
+    # messages, and faster bulk transfers on the VM measured); False leaves it to the I/O thread
     # (docs/transport.md, "Who reads the socket").
     loop_reads_socket: bool = True
 

@@ -6,7 +6,7 @@ then waking this one cost ~0.1 ms more per message on a loaded VM. While the loo
 for long (:meth:`Endpoint.set_busy`) the I/O thread reads instead and reports through an eventfd, also
 watched with ``add_reader``, so nothing polls. Requests resolve futures; incoming frames are handed
 to the handler set with ``set_handler``. With ``TransportConfig(loop_reads_socket=False)`` the I/O
-thread always reads (steadier for bulk transfers). Everything runs on the loop's thread except
+thread always reads. Everything runs on the loop's thread except
 :meth:`Endpoint.send_soon`, which any thread may call (the native endpoint is thread-safe).
 """
 
