@@ -164,7 +164,9 @@ class ComputeScheduler:
         key, now = id(cache), time.perf_counter()
         others_active = self._others_active(key, now)
         known = self._recent.get(key)
-        self._recent[key] = (weakref.ref(cache) if known is None else known[0], now)
+        # Its weakref is kept across steps; an id of a freed cache may have come back for a new one.
+        ref = known[0] if known is not None and known[0]() is cache else weakref.ref(cache)
+        self._recent[key] = (ref, now)
         if hidden.shape[0] == 1:
             job.arrived = self._last_arrival = now
             self._arrived.append(job)

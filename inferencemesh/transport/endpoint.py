@@ -6,8 +6,8 @@ then waking this one cost ~0.1 ms more per message on a loaded VM. While the loo
 for long (:meth:`Endpoint.set_busy`) the I/O thread reads instead and reports through an eventfd, also
 watched with ``add_reader``, so nothing polls. Requests resolve futures; incoming frames are handed
 to the handler set with ``set_handler``. With ``TransportConfig(loop_reads_socket=False)`` the I/O
-thread always reads. Everything runs on the loop's thread except
-:meth:`Endpoint.send_soon`, which any thread may call (the native endpoint is thread-safe).
+thread always reads. Everything runs on the loop's thread except :meth:`Endpoint.send_soon` and
+:meth:`Endpoint.send_or_report`, which any thread may call (the native endpoint is thread-safe).
 """
 
 from __future__ import annotations
@@ -339,7 +339,12 @@ class _FailureReport:
         pass
 
     def set_exception(self, error: BaseException) -> None:
-        self.on_failure(error)
+        # As a future does with its done callbacks: a failing callback must not cut short the
+        # events being handled with it.
+        try:
+            self.on_failure(error)
+        except Exception:
+            log.exception("a send's failure callback failed")
 
 
 _Outcome = asyncio.Future[Any] | concurrent.futures.Future[Any] | _FailureReport

@@ -487,3 +487,27 @@ def test_send_or_report_hands_frames_over_and_calls_back_only_on_failure() -> No
     received, failures = run(scenario())
     assert sorted(received) == list(range(20))
     assert [type(error) for error in failures] == [PeerUnreachable, EndpointClosed]
+
+
+def test_a_failing_failure_callback_does_not_keep_other_sends_from_reporting() -> None:
+    async def scenario() -> list[int]:
+        a, b = await pair()
+        reported: list[int] = []
+
+        def failing(error: BaseException) -> None:
+            reported.append(0)
+            raise RuntimeError("a buggy callback")
+
+        # Two sends to a peer that cannot be reached: both fail in the same round of events.
+        nobody = new_key()
+        a.send_or_report(nobody, None, frame(ECHO), failing)
+        a.send_or_report(nobody, None, frame(ECHO), lambda error: reported.append(1))
+        deadline = time.monotonic() + 5
+        while len(reported) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        before_close = list(reported)  # closing fails what is still pending: not what is tested
+        await a.close()
+        await b.close()
+        return before_close
+
+    assert sorted(run(scenario())) == [0, 1]
