@@ -10,10 +10,12 @@ noise hits them alike; TTFT is the median of --ttft-runs prefills, also taken in
 Reports time to first token (TTFT) for the chat prompt, decode tokens/s, the per-hop overhead two
 ways: (mesh decode step - one-process engine decode step) / 3 workers, and, step by step, (the step's
 time in the swarm - the three workers' forwards of that very step) / 3 (workers report each decode
-step's forward time when a PING asks for ``step_times``), and aggregate decode tokens/s with 1, 4
-and 16 concurrent sessions, stepped
-two ways: by one client's ``generate_batch`` (each round sends every session's step at once) and by
-one thread per session (independent users of one client).
+step's forward time when a PING asks for ``step_times``), the latter both for the steps side by
+side and for one session decoding on its own, back to back as ``generate`` does (a lone session's
+next step and result are busy-polled for when their pace is steady: Endpoint.expect_message), and
+aggregate decode tokens/s with 1, 4 and 16 concurrent sessions, stepped two ways: by one client's
+``generate_batch`` (each round sends every session's step at once) and by one thread per session
+(independent users of one client).
 
     python bench/bench_mesh.py [--decode-tokens 64] [--sessions 1 4 16] [--plot docs/bench-mesh.png]
         [--device cpu|cuda] [--model-path DIR]   # DIR: a SmolLM2-135M-shaped model (tools/random_smollm2.py)
@@ -139,6 +141,29 @@ def per_hop_overheads(chains: dict[int, float], forwards: list[dict[int, float]]
         (chain - sum(worker[step_id] for worker in forwards)) / len(forwards)
         for step_id, chain in chains.items()
         if all(step_id in worker for worker in forwards)
+    )
+
+
+def hops_generating_alone(
+    client: DistributedModelForCausalLM, swarm: LocalSwarm, prompt_ids: list[int], tokens: int
+) -> list[float]:
+    """Per-hop overheads, step by step, of one session decoding back to back as generate() does
+    (side_by_side puts a transformers and an engine step between two mesh steps)."""
+    chains: dict[int, float] = {}
+    session = TimedMeshSession(client.inference_session(len(prompt_ids) + tokens + 1), chains)
+    token = int(session.step(prompt_ids).argmax())
+    for _ in range(tokens):
+        token = int(session.step([token]).argmax())
+    session.close()
+    return per_hop_overheads(chains, workers_step_times(client, swarm))
+
+
+def print_hops(hops: list[float], how: str) -> None:
+    quartiles = statistics.quantiles(hops, n=4)
+    print(
+        f"per-hop overhead: {quartiles[1] * 1e3:.3f} ms (each step's time in the swarm - the workers' "
+        f"forwards of it, / 3 workers; {how}; median of {len(hops)} steps, middle half "
+        f"{quartiles[0] * 1e3:.3f}-{quartiles[2] * 1e3:.3f} ms)"
     )
 
 
@@ -275,6 +300,7 @@ def main() -> None:
             }
             results = side_by_side(factories, prompt_ids, args.decode_tokens, args.ttft_runs)
             hops = per_hop_overheads(chains, workers_step_times(client, swarm))
+            hops_alone = hops_generating_alone(client, swarm, prompt_ids, args.decode_tokens)
             batched = {
                 waves: {
                     n: batch_tps(client, prompt_ids, n, args.decode_tokens, waves or None)
@@ -296,12 +322,8 @@ def main() -> None:
         )
     overhead = (results["mesh"]["step_s"] - results["engine"]["step_s"]) / 3
     print(f"per-hop overhead: {overhead * 1e3:.3f} ms (median mesh step - median engine step, / 3 workers)")
-    quartiles = statistics.quantiles(hops, n=4)
-    print(
-        f"per-hop overhead: {quartiles[1] * 1e3:.3f} ms (each step's time in the swarm - the workers' "
-        f"forwards of it, / 3 workers; median of {len(hops)} steps, middle half "
-        f"{quartiles[0] * 1e3:.3f}-{quartiles[2] * 1e3:.3f} ms)"
-    )
+    print_hops(hops, "the steps above, side by side")
+    print_hops(hops_alone, "one session decoding on its own")
     aggregates = {f"generate_batch, waves={w or 'default'}": batched[w] for w in args.waves}
     aggregates["thread per session"] = threaded
     for label, aggregate in aggregates.items():

@@ -23,6 +23,9 @@ using quic::Event;
 using quic::OutFrame;
 using quic::PeerId;
 
+// Negative and NaN durations count as none.
+uint64_t seconds_to_ns(double seconds) { return seconds > 0 ? static_cast<uint64_t>(seconds * 1e9) : 0; }
+
 class PySink final : public quic::EventSink {
  public:
   PySink() {
@@ -307,6 +310,14 @@ void bind_quic(py::module_& m) {
             return e.poll();  // in the same call: a second one costs ~10 us of a message's way, cold
           },
           "Reads the datagrams waiting on the socket; returns the events since the last call, as poll().")
+      .def(
+          "await_datagram",
+          [](PyEndpoint& e, double sleep_s, double spin_s) {
+            return e.endpoint().await_datagram(seconds_to_ns(sleep_s), seconds_to_ns(spin_s));
+          },
+          py::arg("sleep_s"), py::arg("spin_s"), py::call_guard<py::gil_scoped_release>(),
+          "Waits for an expected datagram: sleeps up to sleep_s, then busy-polls the socket up to spin_s "
+          "(no wake-up across CPUs when it lands). True once one is waiting: call receive().")
       .def(
           "request",
           [](PyEndpoint& e, uint64_t token, const py::bytes& peer, const std::optional<std::string>& host,

@@ -87,6 +87,11 @@ class Endpoint final : public ConnectionHost {
   // transfers 15-50 % of their throughput.
   void receive();
   int socket_fd() const noexcept { return socket_.fd(); }
+  // Waits for a datagram the caller expects soon: sleeps in ppoll for up to sleep_ns, then busy-polls
+  // the socket for up to spin_ns. True once one is waiting (the caller then calls receive()). A thread
+  // already running when the datagram lands skips the wake-up across CPUs that a sleeping one costs
+  // (~60 us per message on the 2-vCPU VM of docs/benchmarks.md).
+  bool await_datagram(uint64_t sleep_ns, uint64_t spin_ns) const;
 
   // These two wait for the engine's answer: never call them from an EventSink callback.
   std::optional<PeerStats> peer_stats(const PeerId& peer);
@@ -121,6 +126,8 @@ class Endpoint final : public ConnectionHost {
   void turn();  // one round of engine work; the caller holds engine_
   void run_commands();
   size_t read_socket(uint64_t now);  // returns the datagrams read
+  bool sleep_for_datagram(uint64_t ns) const;  // ppoll: true once a datagram is waiting
+  bool spin_for_datagram(uint64_t ns) const;   // busy-polls: true once a datagram is waiting
   void on_datagram(const Address& from, const uint8_t* data, size_t len, uint64_t now);
   void handle_timeouts(uint64_t now);
   void write_all(uint64_t now);

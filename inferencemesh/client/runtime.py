@@ -24,6 +24,7 @@ from inferencemesh.p2p.node import DHTNode
 from inferencemesh.protocol.errors import FrameError
 from inferencemesh.protocol.frames import Message, decode_message, encode_message
 from inferencemesh.protocol.messages import MessageKind, WorkerError, error_from_message
+from inferencemesh.transport.cadence import Cadence
 from inferencemesh.transport.config import TransportConfig
 from inferencemesh.transport.endpoint import Endpoint
 
@@ -36,6 +37,9 @@ T = TypeVar("T")
 # from the peer's native I/O thread, which a busy worker (compute, GIL) does not hold up, so a short
 # deadline tells a dead or frozen worker from a busy one quickly (the workers' default is 1 s).
 CLIENT_DEAD_PEER_TIMEOUT_S = 0.25
+# While one step at a time is in flight, the loop's thread busy-polls this long either side of when
+# the next result is due (see Endpoint.expect_message); 0: never.
+RESULT_BUSY_POLL_S = 0.0003
 
 
 class MeshRuntime:
@@ -46,6 +50,7 @@ class MeshRuntime:
         host: str = "127.0.0.1",
         identity: Identity | None = None,
         transport: TransportConfig | None = None,
+        busy_poll_s: float = RESULT_BUSY_POLL_S,
     ) -> None:
         self.identity = identity or Identity.generate()
         self._bootstrap = list(bootstrap)
@@ -56,6 +61,8 @@ class MeshRuntime:
             target=self._loop.run_forever, name="inferencemesh-client", daemon=True
         )
         self._steps: dict[int, concurrent.futures.Future[Message]] = {}
+        self._busy_poll_s = busy_poll_s
+        self._results = Cadence()  # of step results that came with no other step in flight
         # Ids distinct across client restarts; next() on a count is atomic, so any thread may take one.
         self._step_ids = itertools.count((int(time.time_ns() & 0xFFFF_FFFF) << 20) + 1)
         self.endpoint: Endpoint | None = None
@@ -113,6 +120,7 @@ class MeshRuntime:
         future = self._steps.pop(message.request_id, None)
         if future is None or future.done():
             return  # a step we gave up on (timeout, failover)
+        self._expect_next_result()
         try:
             if message.kind == MessageKind.ERROR:
                 future.set_exception(error_from_message(message, peer_id))
@@ -120,6 +128,23 @@ class MeshRuntime:
                 future.set_result(message)
         except concurrent.futures.InvalidStateError:
             pass  # its send failed meanwhile (reported on another thread)
+
+    def _expect_next_result(self) -> None:
+        """A user stepping one session, one token after another, gets results at a steady pace:
+        busy-poll around when the next is due, so that it lands on a running thread."""
+        if self._busy_poll_s <= 0:
+            return
+        # One step may be registered: the next, encoded ahead (RemoteSession.encode_next). More are
+        # other steps in flight (a batch, other threads' sessions): no steady pace to foretell.
+        if len(self._steps) > 1:
+            self._results.reset()
+            return
+        now = time.monotonic()  # the loop's time
+        self._results.note(now)
+        due = self._results.next_due()
+        if due is not None:
+            assert self.endpoint is not None
+            self.endpoint.expect_message(due, self._busy_poll_s)
 
     # ---------------------------------------------------------------- requests
     async def request(

@@ -48,6 +48,11 @@ class WorkerConfig:
         "work expected to take at most this long runs on the event loop thread when the compute thread "
         "is idle (no thread hand-off); 0: always on the compute thread",
     )
+    busy_poll_us: float = setting(
+        300.0,
+        "while serving a single session, busy-poll the socket this long either side of when its next "
+        "decode step is due (a step landing on a running thread skips a wake-up); 0: never",
+    )
     max_request_tokens: int = setting(8192, "most tokens one step or forward may carry")
     session_idle_timeout: float = setting(300.0, "seconds of inactivity after which a session is freed")
     announce_ttl: float = setting(60.0, "seconds a DHT entry lives; refreshed every third of it")

@@ -198,6 +198,11 @@ class ComputeScheduler:
             return
         self._enqueue(self._prefills, [job])
 
+    def serves_alone(self, cache: SessionCache) -> bool:
+        """Whether ``cache``'s session is the only one this worker serves now: nothing queued, and
+        no other session submitted work in the last ACTIVE_S; event loop only."""
+        return not self.queued and not self._others_active(id(cache), time.perf_counter())
+
     @property
     def queued(self) -> int:
         return len(self._arrived) + len(self._decodes) + len(self._prefills)

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import functools
 import logging
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -128,6 +129,7 @@ class WorkerService:
         endpoint: Endpoint,
         max_request_tokens: int,
         frame_limits: FrameLimits,
+        busy_poll_s: float = 0.0,
     ) -> None:
         self.span = span
         self.model_id = model_id
@@ -136,6 +138,7 @@ class WorkerService:
         self.endpoint = endpoint
         self.max_request_tokens = max_request_tokens
         self.frame_limits = frame_limits
+        self.busy_poll_s = busy_poll_s  # see _expect_next_step
         self.draining = False
         self.errors = 0
         self.prepared_steps = 0  # steps whose outgoing message was encoded before they arrived
@@ -203,6 +206,8 @@ class WorkerService:
             "sessions": len(self.sessions),
             "compute": asdict(self.scheduler.stats),  # cumulative, since start
             "prepared_steps": self.prepared_steps,
+            # Steps waited for by busy-polling, and how many came within the window (busy_poll_us).
+            "busy_polls": [self.endpoint.busy_polls, self.endpoint.busy_polls_caught],
         }
 
     async def _open_session(self, peer_id: bytes, message: Message) -> Any:
@@ -353,6 +358,10 @@ class WorkerService:
     def _run(self, session: ServerSession, step: QueuedStep) -> None:
         """Computes a step whose turn has come: the session's next, and none of its steps computing."""
         session.last_step = step.step_id
+        if step.hidden.shape[0] == 1:
+            session.decode_starts.note(time.monotonic())
+        else:
+            session.decode_starts.reset()
         outgoing = self._outgoing(session, step)
         session.running = True
         try:
@@ -461,6 +470,18 @@ class WorkerService:
             outgoing,
         )
         session.prepared = self._expected[prepared.packed] = prepared
+        self._expect_next_step(session)
+
+    def _expect_next_step(self, session: ServerSession) -> None:
+        """Has the endpoint busy-poll for the session's next step around when its steps before
+        foretell it (the median gap between their starts, +- busy_poll_s), if this worker serves no
+        other session: a step that lands on a running thread skips a wake-up across CPUs (see
+        Endpoint.expect_message)."""
+        if self.busy_poll_s <= 0:
+            return
+        due = session.decode_starts.next_due()
+        if due is not None and self.scheduler.serves_alone(session.cache):
+            self.endpoint.expect_message(due, self.busy_poll_s)  # loop time is time.monotonic()
 
     def _encode_outgoing(
         self, session: ServerSession, step_id: int, metadata: dict[str, Any], position: int, rows: int

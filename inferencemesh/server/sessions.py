@@ -24,6 +24,7 @@ from inferencemesh.p2p.identity import short_id
 from inferencemesh.protocol.frames import Message
 from inferencemesh.protocol.messages import CacheFull, TooLarge, UnknownSession
 from inferencemesh.server.scheduler import Burst
+from inferencemesh.transport.cadence import Cadence
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class ServerSession:
     pending: list[QueuedStep] = field(default_factory=list)  # a heap ordered by step id
     gap_timer: asyncio.TimerHandle | None = None  # waiting for a step that arrived late
     prepared: Any = None  # the outgoing message of the expected next step (service.py: _prepare_next)
+    # When its latest one-row steps started (time.monotonic()), back to its last longer step: they
+    # foretell the next one's arrival (service.py: _expect_next_step).
+    decode_starts: Cadence = field(default_factory=Cadence)
 
     @property
     def label(self) -> str:

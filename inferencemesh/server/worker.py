@@ -110,6 +110,7 @@ class Worker:
             endpoint=self.endpoint,
             max_request_tokens=config.max_request_tokens,
             frame_limits=FrameLimits(max_frame_size=transport.max_frame_size),
+            busy_poll_s=config.busy_poll_us * 1e-6,
         )
         self.endpoint.set_handler(self.service.handle)
         self.dht = await DHTNode.start(

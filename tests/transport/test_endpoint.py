@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import inspect
 import socket
+import threading
 import time
 
 import pytest
@@ -511,3 +513,63 @@ def test_a_failing_failure_callback_does_not_keep_other_sends_from_reporting() -
         return before_close
 
     assert sorted(run(scenario())) == [0, 1]
+
+
+def test_an_expected_message_is_taken_by_the_busy_poll_and_others_arrive_as_usual() -> None:
+    async def scenario() -> tuple[list[tuple[int, bool]], tuple[int, int]]:
+        a, b = await pair()
+        address = ("127.0.0.1", b.port)
+        received: list[tuple[int, bool]] = []  # (n, taken while busy-polling)
+
+        def on_frame(peer_id: bytes, buffer: _core.Buffer) -> None:
+            polling = any(frame.function == "_await_expected" for frame in inspect.stack())
+            received.append((metadata_of(buffer)["n"], polling))
+
+        async def until_received(count: int) -> None:
+            deadline = time.monotonic() + 5
+            while len(received) < count and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+
+        b.set_handler(on_frame)
+        a.send_or_report(b.peer_id, address, frame(ECHO, {"n": 0}), pytest.fail)  # connects
+        await until_received(1)
+        loop = asyncio.get_running_loop()
+        b.expect_message(loop.time() + 10, 0.05)  # replaced by the next: never waited for
+        b.expect_message(loop.time() + 0.1, 0.05)
+        # The loop's thread busy-polls from 50 to 150 ms: another thread sends meanwhile.
+        sender = threading.Timer(
+            0.1, a.send_or_report, (b.peer_id, address, frame(ECHO, {"n": 1}), pytest.fail)
+        )
+        sender.start()
+        await until_received(2)
+        sender.join()
+        b.expect_message(loop.time() + 0.02, 0.01)  # nothing comes: the wait ends with its window
+        await asyncio.sleep(0.1)
+        a.send_or_report(b.peer_id, address, frame(ECHO, {"n": 2}), pytest.fail)
+        await until_received(3)
+        counts = (b.busy_polls, b.busy_polls_caught)
+        await a.close()
+        await b.close()
+        return received, counts
+
+    received, (polls, caught) = run(scenario())
+    assert received == [(0, False), (1, True), (2, False)]
+    assert (polls, caught) == (2, 1)
+
+
+def test_await_datagram_sleeps_then_spins_until_a_datagram_waits() -> None:
+    async def scenario() -> None:
+        endpoint = await Endpoint.start(new_key(), "127.0.0.1", 0)
+        native = endpoint._native
+        started = time.monotonic()
+        assert not native.await_datagram(0.01, 0.01)  # nothing came: both phases ran out
+        assert time.monotonic() - started >= 0.02
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.sendto(b"not quic", ("127.0.0.1", endpoint.port))
+            assert native.await_datagram(5.0, 0.0)  # in the sleeping phase
+            assert native.await_datagram(0.0, 5.0)  # in the spinning phase: still waiting
+            assert native.receive() == []  # a stray datagram: read and dropped, no event
+            assert not native.await_datagram(0.0, 0.001)
+        await endpoint.close()
+
+    run(scenario())
