@@ -18,7 +18,8 @@ aggregate decode tokens/s with 1, 4 and 16 concurrent sessions, stepped two ways
 (independent users of one client).
 
     python bench/bench_mesh.py [--decode-tokens 64] [--sessions 1 4 16] [--plot docs/bench-mesh.png]
-        [--device cpu|cuda] [--model-path DIR]   # DIR: a SmolLM2-135M-shaped model (tools/random_smollm2.py)
+        [--device cpu|cuda] [--model-path DIR] [--busy-poll-us 300]
+    # DIR: a SmolLM2-135M-shaped model (tools/random_smollm2.py)
 """
 
 from __future__ import annotations
@@ -265,6 +266,12 @@ def main() -> None:
         default=None,
         help="a SmolLM2-135M-shaped model directory (default: the prepared SmolLM2-135M-Instruct)",
     )
+    parser.add_argument(
+        "--busy-poll-us",
+        type=float,
+        default=300.0,
+        help="the workers' busy_poll_us and the client's busy_poll_s, in us (0: never busy-poll)",
+    )
     args = parser.parse_args()
     model_dir = args.model_path or prepare_model("smollm2")
     torch.set_num_threads(args.threads)
@@ -278,11 +285,12 @@ def main() -> None:
                 layers,
                 model_dir,
                 *("--stats-interval", "3600", "--threads", str(args.threads), "--device", args.device),
+                *("--busy-poll-us", str(args.busy_poll_us)),
             )
         try:
             swarm.wait_for_workers(3)
             client = DistributedModelForCausalLM.from_pretrained(
-                model_dir, [swarm.bootstrap], device=args.device
+                model_dir, [swarm.bootstrap], device=args.device, busy_poll_s=args.busy_poll_us * 1e-6
             )
             prompt_ids = client.encode_prompt(PROMPT, chat=True)
             print(f"prompt: {len(prompt_ids)} tokens; decode: {args.decode_tokens} tokens")

@@ -24,7 +24,7 @@ import torch
 
 from inferencemesh.client.batched_head import BatchedHead
 from inferencemesh.client.route import BanList
-from inferencemesh.client.runtime import MeshRuntime, gather
+from inferencemesh.client.runtime import RESULT_BUSY_POLL_S, MeshRuntime, gather
 from inferencemesh.client.session import PendingStep, RemoteSession, SessionOptions, finish_steps
 from inferencemesh.compute.config import ModelConfig
 from inferencemesh.compute.generation import GenerationResult, TokenLoop
@@ -129,10 +129,12 @@ class DistributedModelForCausalLM:
         device: torch.device | str = "cpu",
         host: str = "127.0.0.1",
         options: SessionOptions | None = None,
+        busy_poll_s: float = RESULT_BUSY_POLL_S,
     ) -> DistributedModelForCausalLM:
         """Loads the client's part of the model (embeddings, final norm, LM head) on ``device`` and
-        joins the swarm."""
-        runtime = MeshRuntime(bootstrap, host=host)
+        joins the swarm. ``busy_poll_s``: while one step at a time is in flight, busy-poll this long
+        either side of when the next result is due (0: never; docs/swarm.md)."""
+        runtime = MeshRuntime(bootstrap, host=host, busy_poll_s=busy_poll_s)
         try:
             return cls(
                 Path(model_path), runtime, dtype=dtype, device=device, options=options or SessionOptions()
