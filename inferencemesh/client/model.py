@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import functools
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,10 @@ class InferenceSession:
         self._model = model
         self._remote = model._remote_session(max_length)
         model.runtime.call(self._remote.open())
+        # Dropped without close(), it closes in the background: its workers free the cache now,
+        # not after their idle timeout, and the client forgets the step it encoded ahead.
+        self._abandoned = weakref.finalize(self, _close_abandoned, model.runtime, self._remote)
+        self._abandoned.atexit = False  # at exit the runtime goes down anyway
         self.token_ids: list[int] = []
 
     def step(self, token_ids: Sequence[int]) -> torch.Tensor:
@@ -81,6 +86,7 @@ class InferenceSession:
         return [f.recovery_s for f in self._remote.failovers]
 
     def close(self) -> None:
+        self._abandoned.detach()
         self._model.runtime.call(self._remote.close())
 
     def __enter__(self) -> InferenceSession:
@@ -88,6 +94,10 @@ class InferenceSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_abandoned(runtime: MeshRuntime, remote: RemoteSession) -> None:
+    runtime.call_soon(remote.close())
 
 
 @dataclass

@@ -93,6 +93,16 @@ class MeshRuntime:
             future.cancel()
             raise
 
+    def call_soon(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Starts ``coroutine`` on the runtime's loop without waiting for it, from any thread; a
+        failure is logged. Once the runtime is closed it does nothing."""
+        try:
+            future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        except RuntimeError:  # the loop is closed
+            coroutine.close()
+            return
+        future.add_done_callback(_log_failure)
+
     # ---------------------------------------------------------------- steps
     def new_step(self) -> tuple[int, concurrent.futures.Future[Message]]:
         """A step id and the future that the step's STEP_RESULT or ERROR will resolve (any thread)."""
@@ -182,6 +192,11 @@ class MeshRuntime:
                 self._thread.join(10)
         if not self._loop.is_running():
             self._loop.close()
+
+
+def _log_failure(future: concurrent.futures.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("background work failed: %r", future.exception())
 
 
 async def gather(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:

@@ -375,6 +375,9 @@ class WorkerService:
         except RuntimeError as exc:  # the compute loop stopped: the worker is shutting down
             session.running = False
             self._report(step.message.metadata["client"], step.step_id, ShuttingDown(str(exc)))
+        except BaseException:
+            session.running = False  # else the session's later steps would wait for this one forever
+            raise
 
     def _earlier_step_missing(self, session: ServerSession) -> None:
         session.gap_timer = None

@@ -18,6 +18,7 @@ import inspect
 import ipaddress
 import itertools
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -60,6 +61,7 @@ class Endpoint:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._expectation: asyncio.TimerHandle | None = None
+        self._may_busy_poll = config.loop_reads_socket and len(os.sched_getaffinity(0)) > 1
         self.busy_polls = 0  # expected messages waited for by busy-polling (see expect_message) ...
         self.busy_polls_caught = 0  # ... and of those, the ones a message came within
         self.peer_id: bytes = native.peer_id
@@ -222,10 +224,12 @@ class Endpoint:
         of a sleeping one, ~60 us per message across the vCPUs of the VM in docs/benchmarks.md, where
         a lone session's step crosses four of them. The loop's thread is held meanwhile (up to
         ``2 * window`` plus ~1.5 ms asleep in ppoll), so callers expect only while nothing else needs
-        it: one session, steps far apart. One expectation at a time: a new one replaces the last."""
+        it: one session, steps far apart. One expectation at a time: a new one replaces the last.
+        A process confined to one CPU never busy-polls: the spin would take it from the work that
+        sends the message."""
         if self._expectation is not None:
             self._expectation.cancel()
-        if not self._config.loop_reads_socket or window <= 0 or self._closed:
+        if not self._may_busy_poll or window <= 0 or self._closed:
             self._expectation = None
             return
         start, end = at - window, at + window

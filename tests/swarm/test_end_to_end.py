@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
+import os
 import re
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +223,7 @@ def ping(
     ).metadata
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="busy-polling needs two CPUs")
 def test_a_lone_sessions_next_step_and_result_are_busy_polled_for_and_stay_exact(
     client: DistributedModelForCausalLM, reference_tokens: dict[str, list[int]]
 ) -> None:
@@ -240,6 +244,25 @@ def test_a_lone_sessions_next_step_and_result_are_busy_polled_for_and_stay_exact
     # Five decode steps make a cadence; each later step's wait is armed once it is foreseeable.
     assert all(now[0] > then[0] and now[1] <= now[0] for then, now in zip(before, after, strict=True))
     assert client.runtime.endpoint.busy_polls > client_polls
+
+
+def test_a_session_dropped_without_close_frees_its_workers_caches_and_its_pending_step(
+    client: DistributedModelForCausalLM,
+) -> None:
+    prompt_ids = client.encode_prompt(PROMPTS[0], chat=True)
+    session = client.inference_session(max_length=len(prompt_ids) + 4)
+    route = session.route
+    token = int(session.step(prompt_ids).argmax())
+    session.step([token])  # the wait encoded the next step ahead: its id is registered
+    assert [ping(client, hop, {})["sessions"] for hop in route] == [1, 1, 1]
+    assert len(client.runtime._steps) == 1
+    del session
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(ping(client, hop, {})["sessions"] for hop in route):
+        time.sleep(0.05)
+    assert [ping(client, hop, {})["sessions"] for hop in route] == [0, 0, 0]  # not after 300 s
+    assert not client.runtime._steps
 
 
 def test_workers_report_each_decode_steps_forward_time_and_the_swarm_adds_the_rest(

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import hashlib
 import inspect
+import os
 import socket
 import threading
 import time
@@ -515,6 +516,10 @@ def test_a_failing_failure_callback_does_not_keep_other_sends_from_reporting() -
     assert sorted(run(scenario())) == [0, 1]
 
 
+TWO_CPUS = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="busy-polling needs two CPUs")
+
+
+@TWO_CPUS
 def test_an_expected_message_is_taken_by_the_busy_poll_and_others_arrive_as_usual() -> None:
     async def scenario() -> tuple[list[tuple[int, bool]], tuple[int, int]]:
         a, b = await pair()
@@ -555,6 +560,32 @@ def test_an_expected_message_is_taken_by_the_busy_poll_and_others_arrive_as_usua
     received, (polls, caught) = run(scenario())
     assert received == [(0, False), (1, True), (2, False)]
     assert (polls, caught) == (2, 1)
+
+
+@TWO_CPUS
+def test_a_process_confined_to_one_cpu_never_busy_polls() -> None:
+    async def scenario() -> tuple[list[int], int]:
+        allowed = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(allowed)})
+        try:
+            b = await Endpoint.start(new_key(), "127.0.0.1", 0)
+        finally:
+            os.sched_setaffinity(0, allowed)
+        a = await Endpoint.start(new_key(), "127.0.0.1", 0)
+        received: list[int] = []
+        b.set_handler(lambda peer_id, buffer: received.append(metadata_of(buffer)["n"]))
+        b.expect_message(asyncio.get_running_loop().time() + 0.02, 0.01)
+        a.send_or_report(b.peer_id, ("127.0.0.1", b.port), frame(ECHO, {"n": 1}), pytest.fail)
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # past the window
+        polls = b.busy_polls
+        await a.close()
+        await b.close()
+        return received, polls
+
+    assert run(scenario()) == ([1], 0)
 
 
 def test_await_datagram_sleeps_then_spins_until_a_datagram_waits() -> None:
