@@ -130,7 +130,6 @@ class MeshRuntime:
         future = self._steps.pop(message.request_id, None)
         if future is None or future.done():
             return  # a step we gave up on (timeout, failover)
-        self._expect_next_result()
         try:
             if message.kind == MessageKind.ERROR:
                 future.set_exception(error_from_message(message, peer_id))
@@ -138,6 +137,8 @@ class MeshRuntime:
                 future.set_result(message)
         except concurrent.futures.InvalidStateError:
             pass  # its send failed meanwhile (reported on another thread)
+        # After the result: the waiting thread wakes meanwhile, on the other CPU.
+        self._expect_next_result()
 
     def _expect_next_result(self) -> None:
         """A user stepping one session, one token after another, gets results at a steady pace:
