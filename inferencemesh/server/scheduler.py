@@ -138,6 +138,7 @@ class ComputeScheduler:
         self._decode_batch_s = decode_row_s
         self._inline_spent = 0.0  # inline compute time in this loop turn
         self._inline_started = 0.0
+        self._new_turn_pending = False  # _new_turn is scheduled
         self._decodes: collections.deque[_Job] = collections.deque()  # for the compute thread
         self._prefills: collections.deque[_Job] = collections.deque()
         self._wake = threading.Condition()
@@ -195,6 +196,7 @@ class ComputeScheduler:
             finally:
                 self._end_inline()
             _settle(job, output, error)
+            self._budget_again_next_turn()
             return
         self._enqueue(self._prefills, [job])
 
@@ -259,6 +261,7 @@ class ComputeScheduler:
             self._end_inline()
         for row, job in enumerate(batch):
             _settle(job, _row(output, row, len(batch)), error)
+        self._budget_again_next_turn()
 
     def _flush_later(self, delay: float | None = None) -> None:
         """Schedules the next flush: at the end of this loop turn (None), or in ``delay`` seconds."""
@@ -302,15 +305,24 @@ class ComputeScheduler:
             self._lent = None
         self._computing.release()
         self.stats.inline_jobs += 1
-        if self._inline_spent == 0.0:
-            self._loop.call_soon(self._new_turn)
         self._inline_spent += time.perf_counter() - self._inline_started
+
+    def _budget_again_next_turn(self) -> None:
+        """After inline work's results went on (``done``: a step's output sent), not before: the
+        ``call_soon`` costs ~15 us of a hop when it runs between the forward and the send, cold
+        (traced, docs/benchmarks.md)."""
+        if not self._new_turn_pending:
+            self._new_turn_pending = True
+            self._loop.call_soon(self._new_turn)
 
     def _new_turn(self) -> None:
         self._inline_spent = 0.0
+        self._new_turn_pending = False
 
     def _others_active(self, key: int, now: float) -> bool:
         """Whether a session other than ``key`` may send a step soon."""
+        if len(self._recent) == 1 and key in self._recent:  # a lone session: no other to look at
+            return False
         if now - self._pruned_at > ACTIVE_S:  # forget sessions gone quiet, once per ACTIVE_S
             self._recent = {
                 other: entry for other, entry in self._recent.items() if now - entry[1] < ACTIVE_S

@@ -323,3 +323,26 @@ def test_a_failing_job_reports_its_error_and_the_loop_goes_on(span: Span, caches
         return sched
 
     asyncio.run(run()).stop()
+
+
+def test_inline_work_counts_against_the_budget_of_its_loop_turn_and_the_next_turn_starts_over(
+    span: Span, caches: KVCacheManager
+) -> None:
+    torch.manual_seed(5)
+    prompt = torch.randn(2, HIDDEN)
+
+    async def run() -> tuple[torch.Tensor, list[float], int]:
+        sched = scheduler(span)
+        cache = caches.allocate("session", 32)
+        done: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        sched.submit(cache, prompt, lambda output, error: done.set_result(output))  # inline, now
+        spent = [sched._inline_spent]  # this turn's
+        await asyncio.sleep(0)  # the next loop turn
+        spent.append(sched._inline_spent)
+        sched.stop()
+        return await done, spent, sched.stats.inline_jobs
+
+    output, spent, inline_jobs = asyncio.run(run())
+    assert inline_jobs == 1 and spent[0] > 0 and spent[1] == 0
+    reference = caches.allocate("reference", 32)
+    torch.testing.assert_close(output, span.prefill(prompt, reference), rtol=1e-5, atol=1e-4)
