@@ -133,10 +133,11 @@ class MeshRuntime:
         try:
             if message.kind == MessageKind.ERROR:
                 future.set_exception(error_from_message(message, peer_id))
-            else:
-                future.set_result(message)
+                self._results.reset()  # a failover follows: the pace starts over
+                return
+            future.set_result(message)
         except concurrent.futures.InvalidStateError:
-            pass  # its send failed meanwhile (reported on another thread)
+            return  # its send failed meanwhile (reported on another thread)
         # After the result: the waiting thread wakes meanwhile, on the other CPU.
         self._expect_next_result()
 
