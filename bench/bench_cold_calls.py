@@ -5,8 +5,8 @@ through the shared caches, and sends its output right after its own forward: eve
 call on the way runs cold, often 10-20x its warm time (docs/benchmarks.md, "Where a hop's time goes").
 This times each call once warm (right after running it) and once after reading --read-mb of memory
 (a 10-block span's weights), --rounds times, and prints the medians: the choices of the step's way
-(a failure callback instead of a future, no split of a one-chunk step, the foreseen step's metadata
-matched as bytes and its hidden state copied into a tensor made ahead) rest on these figures.
+(a failure callback instead of a future, no split of a one-chunk step, a foreseen step or result
+matched by the native endpoint instead of decoded: Endpoint.expect_frame) rest on these figures.
 
     python bench/bench_cold_calls.py [--rounds 40] [--read-mb 141]
 """
@@ -18,7 +18,6 @@ import concurrent.futures
 import os
 import statistics
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +27,6 @@ from inferencemesh.protocol.frames import (
     decode_frame,
     decode_message,
     decode_metadata,
-    dtype_code,
     encode_message,
 )
 from inferencemesh.protocol.messages import MessageKind
@@ -56,10 +54,6 @@ def calls() -> dict[str, Callable[[], Any]]:
     frame = decode_frame(wire)
     packed = frame.metadata
     into = torch.empty(1, HIDDEN)
-    expected: weakref.WeakValueDictionary[bytes, Any] = weakref.WeakValueDictionary()
-    expected[packed] = into  # as the worker keeps its prepared steps
-    into_bytes = into.view(torch.uint8).view(-1).numpy()
-    code, shape = dtype_code(torch.float32), (1, HIDDEN)
     row = torch.randn(1, HIDDEN)
 
     def future_and_callback() -> None:
@@ -74,8 +68,6 @@ def calls() -> dict[str, Callable[[], Any]]:
         "decode_frame (layout only)": lambda: decode_frame(wire),
         "msgpack metadata decode": lambda: decode_metadata(packed),
         "torch.from_dlpack of the hidden state": lambda: torch.from_dlpack(frame.dlpack(0)),
-        "metadata bytes -> prepared step lookup": lambda: expected.get(frame.metadata),
-        "copy_tensor_into a tensor made ahead": lambda: frame.copy_tensor_into(0, code, shape, into_bytes),
         "copy_ of a 576-float row": lambda: into.copy_(row),
         "encode_message (STEP)": lambda: encode_message(MessageKind.STEP, 7, {"position": 1}, [row]),
     }

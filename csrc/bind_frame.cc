@@ -406,26 +406,6 @@ void bind_frame(py::module_& m) {
              for (size_t i = 0; i < f.view.tensors.size(); ++i) out.append(tensor_capsule(f, i));
              return out;
            })
-      .def(
-          "copy_tensor_into",
-          [](const DecodedFrame& f, size_t i, uint8_t dtype, const std::vector<int64_t>& shape,
-             py::buffer destination) {
-            if (i >= f.view.tensors.size()) throw py::index_error("tensor index out of range");
-            const TensorDesc& t = f.view.tensors[i];
-            if (t.dtype != dtype || t.ndim != shape.size() || !std::equal(shape.begin(), shape.end(), t.shape)) {
-              return false;
-            }
-            py::buffer_info out = destination.request(true);
-            if (out.ndim != 1 || out.strides[0] != out.itemsize ||
-                static_cast<uint64_t>(out.size * out.itemsize) != t.nbytes) {
-              throw py::value_error("the destination must be contiguous bytes of the tensor's size");
-            }
-            std::memcpy(out.ptr, f.view.tensor_data(i), t.nbytes);
-            return true;
-          },
-          py::arg("index"), py::arg("dtype"), py::arg("shape"), py::arg("destination"),
-          "Copies tensor `index` into `destination` (writable contiguous bytes of its size) if it has "
-          "dtype code `dtype` and shape `shape`; False, copying nothing, if not.")
       .def("tensor_info", [](const DecodedFrame& f, size_t i) {
         if (i >= f.view.tensors.size()) throw py::index_error("tensor index out of range");
         const TensorDesc& t = f.view.tensors[i];

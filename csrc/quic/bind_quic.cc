@@ -199,6 +199,10 @@ class PyEndpoint {
           out.append(py::make_tuple(3, e.token, py::bytes(reinterpret_cast<const char*>(e.peer.data()), e.peer.size()),
                                     py::cast(std::move(e.buffer)), e.expects_response));
           break;
+        case Event::Type::kExpected:
+          out.append(py::make_tuple(4, e.token, e.request_id,
+                                    py::bytes(reinterpret_cast<const char*>(e.peer.data()), e.peer.size())));
+          break;
       }
     }
     return out;
@@ -338,9 +342,40 @@ void bind_quic(py::module_& m) {
            py::call_guard<py::gil_scoped_release>())
       .def("cancel", [](PyEndpoint& e, uint64_t token) { e.endpoint().cancel(token); }, py::arg("token"),
            py::call_guard<py::gil_scoped_release>())
+      .def(
+          "expect",
+          [](PyEndpoint& e, uint64_t token, uint8_t kind, uint16_t flags, const py::bytes& metadata,
+             uint64_t min_request_id, uint64_t max_request_id, uint8_t dtype, const std::vector<int64_t>& shape) {
+            quic::Expectation x;
+            x.kind = kind;
+            x.flags = flags;
+            x.metadata = metadata;
+            x.min_request_id = min_request_id;
+            x.max_request_id = max_request_id;
+            x.dtype = dtype;
+            x.shape = shape;
+            uint64_t nbytes = dtype_itemsize(dtype);
+            for (int64_t d : shape) nbytes *= d > 0 ? static_cast<uint64_t>(d) : 0;
+            x.into = e.endpoint().pool().acquire(nbytes);
+            std::shared_ptr<Buffer> into = x.into;
+            try {
+              e.endpoint().expect(token, std::move(x));
+            } catch (const std::invalid_argument& error) {
+              throw py::value_error(error.what());
+            }
+            return into;
+          },
+          py::arg("token"), py::arg("kind"), py::arg("flags"), py::arg("metadata"), py::arg("min_request_id"),
+          py::arg("max_request_id"), py::arg("dtype"), py::arg("shape"),
+          "Expects a frame of `kind` and `flags` with exactly `metadata`, a request id in [min, max] and one "
+          "tensor of dtype code `dtype` and `shape`: when it completes, its tensor is copied into the "
+          "returned Buffer and poll() reports (4, token, request_id, peer_id) instead of the frame.")
+      .def("forget_expected", [](PyEndpoint& e, uint64_t token) { return e.endpoint().forget_expected(token); },
+           py::arg("token"), "Drops an expectation; False if a frame took it (its event is on the way).")
       .def("poll", &PyEndpoint::poll,
            "Events since the last call: (0, token, buffer) response, (1, token, error_kind, message) failure, "
-           "(2, token) one-way frame handed to QUIC, (3, incoming, peer_id, buffer, expects_response) incoming.")
+           "(2, token) one-way frame handed to QUIC, (3, incoming, peer_id, buffer, expects_response) incoming, "
+           "(4, token, request_id, peer_id) an expected frame (see expect).")
       .def(
           "peer_stats",
           [](PyEndpoint& e, const py::bytes& peer) -> py::object {

@@ -228,6 +228,18 @@ void Endpoint::expire_requests(uint64_t now) {
 
 void Endpoint::emit(Event&& event) {
   ++events_emitted_;
+  if (event.type == Event::Type::kIncoming && !expected_.empty()) {
+    uint64_t request_id = 0;
+    if (const uint64_t token = expected_.take(*event.buffer, &request_id); token != 0) {
+      finish(event.token);  // on the engine's thread: runs before this round of engine work ends
+      Event arrived{Event::Type::kExpected};
+      arrived.token = token;
+      arrived.request_id = request_id;
+      arrived.peer = event.peer;
+      sink_->on_event(std::move(arrived));
+      return;
+    }
+  }
   if (event.type != Event::Type::kIncoming && !token_deadline_.empty()) {
     if (auto it = token_deadline_.find(event.token); it != token_deadline_.end()) {
       deadlines_.erase({it->second, event.token});

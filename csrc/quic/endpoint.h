@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "quic/connection.h"
+#include "quic/expected_frames.h"
 #include "quic/identity.h"
 #include "quic/tx_batch.h"
 #include "quic/types.h"
@@ -92,6 +93,12 @@ class Endpoint final : public ConnectionHost {
   // already running when the datagram lands skips the wake-up across CPUs that a sleeping one costs
   // (~60 us per message on the 2-vCPU VM of docs/benchmarks.md).
   bool await_datagram(uint64_t sleep_ns, uint64_t spin_ns) const;
+
+  // A frame the consumer expects (see expected_frames.h): when one completes it is reported as a
+  // kExpected event instead of kIncoming, its tensor already copied into `expectation.into`, and the
+  // stream it came on is finished as finish() would. forget_expected: false when a frame took it.
+  void expect(uint64_t token, Expectation expectation) { expected_.add(token, std::move(expectation)); }
+  bool forget_expected(uint64_t token) { return expected_.forget(token); }
 
   // These two wait for the engine's answer: never call them from an EventSink callback.
   std::optional<PeerStats> peer_stats(const PeerId& peer);
@@ -182,6 +189,7 @@ class Endpoint final : public ConnectionHost {
   std::set<std::pair<uint64_t, uint64_t>> deadlines_;    // (deadline, token)
   std::unordered_map<uint64_t, uint64_t> token_deadline_;  // token -> deadline
   std::vector<uint8_t> rx_buf_;
+  ExpectedFrames expected_;  // thread-safe on its own
   uint64_t events_emitted_ = 0;  // engine-guarded: tells receive() whether a frame completed
   EndpointStats counters_;
 };

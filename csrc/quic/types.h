@@ -83,10 +83,12 @@ struct Event {
     kFailed,    // token: a request's or send's token; error, message
     kSent,      // token: a send's token; every byte was handed to QUIC (flow control admitted it)
     kIncoming,  // token: incoming id for respond/reject/finish; peer; buffer; expects_response
+    kExpected,  // token: the expectation's (Endpoint::expect); request_id; peer. Its tensor is copied.
   };
   explicit Event(Type t) : type(t) {}
   Type type;
   uint64_t token = 0;
+  uint64_t request_id = 0;
   ErrorKind error = ErrorKind::kNone;
   std::string message;
   std::shared_ptr<Buffer> buffer;

@@ -47,6 +47,7 @@ from inferencemesh.protocol.messages import (
     MessageKind,
     NextHopFailed,
     WorkerError,
+    step_result_metadata,
 )
 from inferencemesh.transport.errors import TransportError
 
@@ -302,6 +303,9 @@ class RemoteSession:
         step_id, result = self.runtime.new_step()
         metadata = self._step_metadata(position, partial=False)
         frame = encode_message(MessageKind.STEP, step_id, metadata, [buffer])
+        # Its result: the last position's hidden state (last_only), one row.
+        result_metadata = step_result_metadata(self.session_id, position + 1)
+        self.runtime.expect_result(step_id, result_metadata, buffer.dtype, tuple(buffer.shape))
         self._ahead = _EncodedAhead(position, self.hops, step_id, result, frame, buffer)
 
     def _send_ahead(self, ahead: _EncodedAhead, hidden: torch.Tensor) -> PendingStep:

@@ -113,6 +113,12 @@ class TooLarge(BadRequest):
     code = ErrorCode.TOO_LARGE
 
 
+def step_result_metadata(session_id: bytes, position: int) -> dict[str, Any]:
+    """A STEP_RESULT's metadata: the session, and its length after the step. Built here for both
+    sides: a client that knows its next result expects these bytes exactly (Endpoint.expect_frame)."""
+    return {"session_id": session_id, "position": position}
+
+
 def error_message(request_id: int, error: WorkerError, **extra: Any) -> Any:
     """The ERROR frame that reports ``error`` for request ``request_id``."""
     metadata = {"code": int(error.code), "message": str(error), **extra}

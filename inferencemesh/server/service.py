@@ -20,7 +20,6 @@ import collections
 import functools
 import logging
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -56,6 +55,7 @@ from inferencemesh.protocol.messages import (
     WrongShape,
     error_message,
     kind_name,
+    step_result_metadata,
 )
 from inferencemesh.server.scheduler import Burst, ComputeScheduler
 from inferencemesh.server.sessions import QueuedStep, ServerSession, SessionRegistry
@@ -71,6 +71,7 @@ MAX_BURST = 4096  # most steps a client may announce as one burst
 REORDER_WAIT_S = 2.0  # how long a step waits for an earlier step of its session to arrive
 PREPARE_AFTER_S = 0.001  # when the next step's outgoing message is encoded, after a step's send
 STEP_TIMES_KEPT = 1024  # decode steps whose forward time a PING with step_times reports
+_MAX_STEP_ID = 2**64 - 1
 
 
 @dataclass
@@ -93,21 +94,20 @@ class _Outgoing:
 @dataclass(eq=False)
 class _Prepared:
     """A session's expected next step, made ready before it arrives (see WorkerService._prepare_next):
-    the step itself, but for its id and hidden state, and the message that takes its output on."""
+    the step itself, but for its id and hidden state, which the endpoint fills in as it arrives
+    (Endpoint.expect_frame), and the message that takes its output on."""
 
     session: ServerSession
-    step: QueuedStep  # its hidden state: a tensor the arriving one is copied into
-    packed: bytes  # its metadata, as the step's frame will carry it
-    dtype_code: int  # the hidden state's dtype, as frames name it (the previous step's)
-    shape: tuple[int, int]  # the hidden state's shape: one row
-    hidden_bytes: Any  # the hidden state tensor's memory, as a writable buffer
     outgoing: _Outgoing | None
+    step: QueuedStep | None = None  # set once the endpoint gave the memory of its hidden state
+    release: Callable[[], None] = lambda: None  # withdraws the expectation
 
     def matches(self, step: QueuedStep) -> bool:
         """Whether ``step`` is the one foreseen (it may also have come decoded in full)."""
         foreseen = self.step
-        return step is foreseen or (
-            step.hidden.shape[0] == 1 and step.message.metadata == foreseen.message.metadata
+        return foreseen is not None and (
+            step is foreseen
+            or (step.hidden.shape[0] == 1 and step.message.metadata == foreseen.message.metadata)
         )
 
 
@@ -142,9 +142,7 @@ class WorkerService:
         self.draining = False
         self.errors = 0
         self.prepared_steps = 0  # steps whose outgoing message was encoded before they arrived
-        # Sessions' prepared next steps by the metadata bytes the step will carry (see _expected_step);
-        # an entry goes when its session drops the _Prepared.
-        self._expected: weakref.WeakValueDictionary[bytes, _Prepared] = weakref.WeakValueDictionary()
+        self.foreseen_steps = 0  # steps the endpoint matched to a prepared one as they arrived
         # (step id, seconds of the forward that computed it) of the latest decode steps: with the
         # client's time for each step, what the swarm adds to a step besides compute (bench_mesh).
         self.step_times: collections.deque[tuple[int, float]] = collections.deque(maxlen=STEP_TIMES_KEPT)
@@ -153,10 +151,7 @@ class WorkerService:
     def handle(self, peer_id: bytes, buffer: Any) -> Any:
         """The endpoint's handler: None for a STEP (handled inline), else the response or a coroutine."""
         try:
-            frame = decode_frame(buffer, limits=self.frame_limits)
-            if frame.kind == MessageKind.STEP and self._expected_step(peer_id, frame):
-                return None
-            message = message_from_frame(frame)
+            message = message_from_frame(decode_frame(buffer, limits=self.frame_limits))
         except FrameError as exc:
             log.warning("malformed frame from %s: %s", short_id(peer_id), exc)
             self.errors += 1
@@ -206,6 +201,7 @@ class WorkerService:
             "sessions": len(self.sessions),
             "compute": asdict(self.scheduler.stats),  # cumulative, since start
             "prepared_steps": self.prepared_steps,
+            "foreseen_steps": self.foreseen_steps,
             # Steps waited for by busy-polling, and how many came within the window (busy_poll_us).
             "busy_polls": [self.endpoint.busy_polls, self.endpoint.busy_polls_caught],
         }
@@ -279,17 +275,16 @@ class WorkerService:
         self.errors += 1
         self._report(client, step_id, WorkerError(f"internal error: {exc!r}"))
 
-    def _expected_step(self, sender: bytes, frame: Any) -> bool:
-        """Starts the STEP in ``frame`` if it is the one a session's prepared message waits for (see
-        :meth:`_prepare_next`): its metadata, byte for byte, what that foresaw, its hidden state of
-        the same dtype and shape as the step before. Those passed every check of :meth:`_accept`
-        one step earlier, so comparing them stands for decoding and checking them again: after the
-        other workers' forwards, with every cache cold, that took ~120 us of each hop (traced).
-        False: not such a step; the caller handles it in full."""
-        prepared = self._expected.get(frame.metadata)
-        if prepared is None:
-            return False
+    def _foreseen_arrived(self, prepared: _Prepared, sender: bytes, step_id: int) -> None:
+        """The step a session's prepared message waits for came (see :meth:`_prepare_next`): its
+        metadata byte for byte what that foresaw, its hidden state of the same dtype and shape as
+        the step before, already copied into the foreseen step's tensor by the endpoint. Those passed
+        every check of :meth:`_accept` one step earlier, so if the session is as it was then, the
+        step starts at once; otherwise it takes the way of any step (queued, or refused)."""
         session, step = prepared.session, prepared.step
+        assert step is not None
+        self.foreseen_steps += 1
+        step.step_id = step.message.request_id = step_id
         startable = (
             session.prepared is prepared
             and not session.cache.freed
@@ -298,20 +293,14 @@ class WorkerService:
             and session.gap_timer is None
             and not self.draining
             and step.position == session.cache.length < session.cache.max_length
-            and frame.request_id > session.last_step
-            and frame.flags == step.message.flags
-            and frame.tensor_count == 1
-            # Last: it copies the hidden state into the step's tensor when dtype and shape match.
-            and frame.copy_tensor_into(0, prepared.dtype_code, prepared.shape, prepared.hidden_bytes)
         )
         if not startable:
-            return False
-        step.step_id = step.message.request_id = frame.request_id
+            self._step(sender, step.message)
+            return
         try:
             self._run(session, step)  # its turn: the session is idle with nothing queued
         except Exception as exc:
-            self._step_failed(sender, session.client, step.step_id, exc)
-        return True
+            self._step_failed(sender, session.client, step_id, exc)
 
     def _accept(self, client: bytes, message: Message) -> tuple[ServerSession, QueuedStep]:
         metadata = message.metadata
@@ -426,7 +415,7 @@ class WorkerService:
     def _outgoing(self, session: ServerSession, step: QueuedStep) -> _Outgoing | None:
         """The message that takes the step's output on: the one encoded ahead for it (see
         :meth:`_prepare_next`) when the step is the one expected, else encoded now."""
-        prepared, session.prepared = session.prepared, None
+        prepared = session.drop_prepared()
         if prepared is not None and prepared.matches(step):
             self.prepared_steps += 1
             if prepared.outgoing is not None:
@@ -459,20 +448,27 @@ class WorkerService:
         # The step id is not known yet (the client numbers steps across its sessions): _outgoing sets
         # it when the step arrives.
         outgoing = self._encode_outgoing(session, 0, expected, position, 1)
-        shape = (1, self.span.config.hidden_size)
-        hidden = torch.empty(shape, dtype=step.hidden.dtype)
+        session.drop_prepared()
+        prepared = _Prepared(session, outgoing)
+        dtype, shape = step.hidden.dtype, (1, self.span.config.hidden_size)
+        try:
+            token, memory = self.endpoint.expect_frame(
+                MessageKind.STEP,
+                step.message.flags,
+                pack_metadata(expected),
+                (session.last_step + 1, _MAX_STEP_ID),
+                dtype_code(dtype),
+                shape,
+                functools.partial(self._foreseen_arrived, prepared),
+            )
+            hidden = torch.frombuffer(memory, dtype=dtype).view(shape)
+            prepared.release = functools.partial(self.endpoint.forget_frame, token)
+        except (ValueError, MemoryError) as exc:  # no memory, or another session sends the same bytes
+            log.debug("next step of session %s comes decoded in full: %s", session.label, exc)
+            hidden = torch.empty(shape, dtype=dtype)  # only matches() looks at it then
         message = Message(MessageKind.STEP, 0, expected, [hidden], step.message.flags)
-        foreseen = QueuedStep(0, position, hidden, expected["chain"], message)
-        prepared = _Prepared(
-            session,
-            foreseen,
-            pack_metadata(expected),
-            dtype_code(hidden.dtype),
-            shape,
-            hidden.view(torch.uint8).view(-1).numpy(),  # its bytes, which copy_tensor_into fills
-            outgoing,
-        )
-        session.prepared = self._expected[prepared.packed] = prepared
+        prepared.step = QueuedStep(0, position, hidden, expected["chain"], message)
+        session.prepared = prepared
         self._expect_next_step(session)
 
     def _expect_next_step(self, session: ServerSession) -> None:
@@ -501,7 +497,7 @@ class WorkerService:
             if metadata.get("partial"):
                 return None
             buffer = self._host_buffer(1 if metadata.get("last_only") else rows)
-            reply = {"session_id": session.session_id, "position": position + rows}
+            reply = step_result_metadata(session.session_id, position + rows)
             frame = encode_message(MessageKind.STEP_RESULT, step_id, reply, [buffer])
             return _Outgoing(client, step_id, client, None, frame, buffer)
         next_peer, next_address, next_token = chain[0]

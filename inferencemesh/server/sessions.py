@@ -103,7 +103,15 @@ class ServerSession:
     def pop_first(self) -> QueuedStep:
         return heapq.heappop(self.pending)
 
+    def drop_prepared(self) -> Any:
+        """Takes the prepared next step away (withdrawing what it waits for); returns it, or None."""
+        prepared, self.prepared = self.prepared, None
+        if prepared is not None:
+            prepared.release()
+        return prepared
+
     def discard_pending(self) -> None:
+        self.drop_prepared()
         self.pending.clear()
         if self.gap_timer is not None:
             self.gap_timer.cancel()

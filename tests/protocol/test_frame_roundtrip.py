@@ -5,13 +5,12 @@ from __future__ import annotations
 import gc
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from inferencemesh import _core
-from inferencemesh.protocol.frames import decode_message, dtype_code, encode_message
+from inferencemesh.protocol.frames import decode_message, encode_message
 
 DTYPES = [
     torch.float32,
@@ -190,19 +189,3 @@ def test_a_frame_encoded_ahead_takes_its_request_id_later() -> None:
     assert message.request_id == 2**64 - 1
     assert message.kind == 9 and message.metadata == {"position": 7}
     assert torch.equal(message.tensors[0], hidden)
-
-
-def test_a_tensor_is_copied_into_given_memory_only_with_the_expected_dtype_and_shape() -> None:
-    hidden = torch.randn(1, 576, dtype=torch.bfloat16)
-    frame = _core.decode_frame(encode_message(9, 1, {}, [hidden]).to_bytes())
-    into = torch.zeros(1, 576, dtype=torch.bfloat16)
-    memory = into.view(torch.uint8).view(-1).numpy()
-    assert not frame.copy_tensor_into(0, dtype_code(torch.float16), (1, 576), memory)
-    assert not frame.copy_tensor_into(0, dtype_code(torch.bfloat16), (576,), memory)
-    assert not into.any()  # nothing copied
-    assert frame.copy_tensor_into(0, dtype_code(torch.bfloat16), (1, 576), memory)
-    assert torch.equal(into, hidden)
-    with pytest.raises(ValueError, match="contiguous bytes"):
-        frame.copy_tensor_into(0, dtype_code(torch.bfloat16), (1, 576), bytearray(10))
-    with pytest.raises(IndexError):
-        frame.copy_tensor_into(1, dtype_code(torch.bfloat16), (1, 576), memory)

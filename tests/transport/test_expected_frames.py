@@ -1,0 +1,128 @@
+"""Endpoint.expect_frame: a message known in advance but for its request id and its tensor is matched
+by the native side as it arrives, its tensor copied out, and reported to its own callback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+import torch
+from transport_helpers import new_key, run
+
+from inferencemesh import _core
+from inferencemesh.protocol.frames import dtype_code, encode_message, pack_metadata
+from inferencemesh.transport import Endpoint, TransportConfig
+
+KIND, FLAGS = 9, 1
+METADATA = {"session": b"s" * 16, "position": 40}
+SHAPE = (1, 8)
+
+
+def expect(endpoint: Endpoint, arrivals: list[tuple[bytes, int]]) -> tuple[int, torch.Tensor]:
+    """Expects the frame of METADATA with a request id in 5..10 and a float32 [1, 8] tensor."""
+    token, memory = endpoint.expect_frame(
+        KIND,
+        FLAGS,
+        pack_metadata(METADATA),
+        (5, 10),
+        dtype_code(torch.float32),
+        SHAPE,
+        lambda peer_id, request_id: arrivals.append((peer_id, request_id)),
+    )
+    return token, torch.frombuffer(memory, dtype=torch.float32).view(SHAPE)
+
+
+def message(
+    request_id: int, tensor: torch.Tensor, metadata: dict[str, Any] = METADATA, flags: int = FLAGS
+) -> Any:
+    return encode_message(KIND, request_id, metadata, [tensor], flags=flags)
+
+
+async def until(condition: Any) -> None:
+    deadline = time.monotonic() + 5
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+
+
+def test_the_expected_frame_arrives_copied_and_every_other_frame_as_usual() -> None:
+    async def scenario() -> None:
+        a = await Endpoint.start(new_key(), "127.0.0.1", 0)
+        b = await Endpoint.start(new_key(), "127.0.0.1", 0)
+        handled: list[int] = []  # request ids of the frames the handler got
+        arrivals: list[tuple[bytes, int]] = []
+        b.set_handler(lambda peer_id, buffer: handled.append(_core.decode_frame(buffer).request_id))
+        _, into = expect(b, arrivals)
+        tensor = torch.randn(SHAPE)
+        near_misses = [
+            message(4, tensor),  # request id below the range
+            message(11, tensor),  # above it
+            message(6, tensor, dict(METADATA, position=41)),  # other metadata
+            message(6, tensor, flags=0),  # other flags
+            message(6, tensor.to(torch.float16)),  # other dtype
+            message(6, torch.randn(2, 4)),  # other shape, same size
+            encode_message(KIND, 6, METADATA, [tensor, tensor], flags=FLAGS),  # two tensors
+        ]
+        for n, frame in enumerate(near_misses, 1):
+            a.send_or_report(b.peer_id, ("127.0.0.1", b.port), frame, pytest.fail)
+            await until(lambda n=n: len(handled) == n)
+        assert handled == [4, 11, 6, 6, 6, 6, 6] and not arrivals
+        a.send_or_report(b.peer_id, ("127.0.0.1", b.port), message(7, tensor), pytest.fail)
+        await until(lambda: arrivals)
+        assert arrivals == [(a.peer_id, 7)] and len(handled) == 7
+        assert torch.equal(into, tensor)
+        # Once taken, the expectation is gone: the same frame again goes to the handler.
+        a.send_or_report(b.peer_id, ("127.0.0.1", b.port), message(8, tensor), pytest.fail)
+        await until(lambda: len(handled) == 8)
+        assert handled[-1] == 8 and len(arrivals) == 1
+        await a.close()
+        await b.close()
+
+    run(scenario())
+
+
+def test_a_forgotten_expectation_lets_its_frame_through_and_one_metadata_is_expected_once() -> None:
+    async def scenario() -> None:
+        a = await Endpoint.start(new_key(), "127.0.0.1", 0)
+        b = await Endpoint.start(new_key(), "127.0.0.1", 0)
+        handled: list[int] = []
+        arrivals: list[tuple[bytes, int]] = []
+        b.set_handler(lambda peer_id, buffer: handled.append(_core.decode_frame(buffer).request_id))
+        token, _ = expect(b, arrivals)
+        with pytest.raises(ValueError, match="already expected"):
+            expect(b, arrivals)
+        b.forget_frame(token)
+        b.forget_frame(token)  # twice, or an unknown token: nothing happens
+        a.send_or_report(b.peer_id, ("127.0.0.1", b.port), message(7, torch.randn(SHAPE)), pytest.fail)
+        await until(lambda: handled)
+        assert handled == [7] and not arrivals
+        expect(b, arrivals)  # the metadata is free again
+        with pytest.raises(ValueError):
+            b.expect_frame(KIND, 0, b"other", (0, 1), 250, (1,), lambda *_: None)  # no such dtype
+        await a.close()
+        await b.close()
+
+    run(scenario())
+
+
+def test_expected_frames_give_their_streams_credit_back() -> None:
+    """A matched frame's stream is finished natively, as the handler's return finishes any other:
+    with a peer allowed 8 streams at once, 40 expected frames in a row all arrive."""
+
+    async def scenario() -> list[int]:
+        a = await Endpoint.start(new_key(), "127.0.0.1", 0)
+        b = await Endpoint.start(new_key(), "127.0.0.1", 0, TransportConfig(max_streams=8))
+        arrivals: list[tuple[bytes, int]] = []
+        b.set_handler(lambda peer_id, buffer: pytest.fail("an expected frame reached the handler"))
+        for n in range(40):
+            expect(b, arrivals)
+            a.send_or_report(
+                b.peer_id, ("127.0.0.1", b.port), message(5 + n % 6, torch.randn(SHAPE)), pytest.fail
+            )
+            await until(lambda n=n: len(arrivals) == n + 1)
+        await a.close()
+        await b.close()
+        return [request_id for _, request_id in arrivals]
+
+    assert run(scenario()) == [5 + n % 6 for n in range(40)]
