@@ -230,12 +230,14 @@ void Endpoint::emit(Event&& event) {
   ++events_emitted_;
   if (event.type == Event::Type::kIncoming && !expected_.empty()) {
     uint64_t request_id = 0;
-    if (const uint64_t token = expected_.take(*event.buffer, &request_id); token != 0) {
+    bool waited = false;
+    if (const uint64_t token = expected_.take(*event.buffer, &request_id, &waited); token != 0) {
       finish(event.token);  // on the engine's thread: runs before this round of engine work ends
       Event arrived{Event::Type::kExpected};
       arrived.token = token;
       arrived.request_id = request_id;
       arrived.peer = event.peer;
+      arrived.waited = waited;
       sink_->on_event(std::move(arrived));
       return;
     }
@@ -311,6 +313,7 @@ void Endpoint::close() {
     std::lock_guard<std::mutex> lock(mutex_);
     if (closed_ && !thread_.joinable()) return;
   }
+  expected_.close();  // threads waiting for expected frames return
   post([this] { stopping_ = true; });
   wake_io_thread();  // the stop may have run on this thread; the I/O thread must see it
   {

@@ -99,6 +99,9 @@ class Endpoint final : public ConnectionHost {
   // stream it came on is finished as finish() would. forget_expected: false when a frame took it.
   void expect(uint64_t token, Expectation expectation) { expected_.add(token, std::move(expectation)); }
   bool forget_expected(uint64_t token) { return expected_.forget(token); }
+  // Blocks until an expected frame arrives (any thread; see ExpectedFrames::wait). Its kExpected
+  // event still follows, with `waited` set.
+  ExpectedFrames::Wait await_expected(uint64_t token, uint64_t timeout_ns) { return expected_.wait(token, timeout_ns); }
 
   // These two wait for the engine's answer: never call them from an EventSink callback.
   std::optional<PeerStats> peer_stats(const PeerId& peer);

@@ -29,7 +29,7 @@ from inferencemesh.protocol.frames import Message, decode_message, dtype_code, e
 from inferencemesh.protocol.messages import MessageKind, WorkerError, error_from_message
 from inferencemesh.transport.cadence import Cadence
 from inferencemesh.transport.config import TransportConfig
-from inferencemesh.transport.endpoint import Endpoint
+from inferencemesh.transport.endpoint import Endpoint, FrameWait
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,9 @@ CLIENT_DEAD_PEER_TIMEOUT_S = 0.25
 # While one step at a time is in flight, the loop's thread busy-polls this long either side of when
 # the next result is due (see Endpoint.expect_message); 0: never.
 RESULT_BUSY_POLL_S = 0.0003
+# A thread waiting for its step's result natively (MeshRuntime.await_result) looks at the step's
+# future this often, for failures that reach only the future.
+RESULT_WAIT_SLICE_S = 0.005
 
 
 class MeshRuntime:
@@ -64,7 +67,8 @@ class MeshRuntime:
             target=self._loop.run_forever, name="inferencemesh-client", daemon=True
         )
         self._steps: dict[int, concurrent.futures.Future[Message]] = {}
-        self._expected_results: dict[int, int] = {}  # step id -> its expect_frame token
+        # step id -> its expect_frame token and the message its result will be (expect_result)
+        self._expected_results: dict[int, tuple[int, Message]] = {}
         self.results_matched = 0  # step results the endpoint matched to an expect_result
         self._busy_poll_s = busy_poll_s
         self._results = Cadence()  # of step results that came with no other step in flight
@@ -144,20 +148,48 @@ class MeshRuntime:
             log.debug("result of step %d comes decoded in full: %s", step_id, exc)
             return
         message.tensors.append(torch.frombuffer(memory, dtype=dtype).view(shape))
-        self._expected_results[step_id] = token
+        self._expected_results[step_id] = (token, message)
+
+    def await_result(
+        self, step_id: int, result: concurrent.futures.Future[Message], timeout: float
+    ) -> Message | None:
+        """On the thread that sent step ``step_id``: its result, taken as the endpoint matches it
+        (Endpoint.await_frame), without waiting for the loop's thread to handle it and wake this
+        one. None when its result is not expected that way, or ``result`` is done (an error), or
+        nothing came within ``timeout``: the caller then looks at ``result``."""
+        entry = self._expected_results.get(step_id)
+        if entry is None or self.endpoint is None:
+            return None
+        token, message = entry
+        deadline = time.monotonic() + timeout
+        while not result.done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            # In slices: a failure that does not withdraw the expectation (a send that failed) sets
+            # ``result`` alone.
+            outcome = self.endpoint.await_frame(token, min(remaining, RESULT_WAIT_SLICE_S))
+            if outcome == FrameWait.ARRIVED:
+                return message
+            if outcome == FrameWait.NOT_EXPECTED:
+                return None
+        return None
 
     def forget_step(self, step_id: int) -> None:
         self._steps.pop(step_id, None)
         self._forget_expected_result(step_id)
 
     def _forget_expected_result(self, step_id: int) -> None:
-        token = self._expected_results.pop(step_id, None)
-        if token is not None and self.endpoint is not None:
-            self.endpoint.forget_frame(token)
+        entry = self._expected_results.pop(step_id, None)
+        if entry is not None and self.endpoint is not None:
+            self.endpoint.forget_frame(entry[0])
 
-    def _result_arrived(self, message: Message, peer_id: bytes, step_id: int) -> None:
+    def _result_arrived(self, message: Message, peer_id: bytes, step_id: int, waited: bool) -> None:
         self._expected_results.pop(step_id, None)
         self.results_matched += 1
+        if waited:  # its thread has it already (await_result)
+            self._expect_next_result(step_id)
+            return
         self._resolve(peer_id, message)
 
     def _on_message(self, peer_id: bytes, buffer: Any) -> None:
@@ -186,16 +218,17 @@ class MeshRuntime:
         except concurrent.futures.InvalidStateError:
             return  # its send failed meanwhile (reported on another thread)
         # After the result: the waiting thread wakes meanwhile, on the other CPU.
-        self._expect_next_result()
+        self._expect_next_result(message.request_id)
 
-    def _expect_next_result(self) -> None:
+    def _expect_next_result(self, done_step: int) -> None:
         """A user stepping one session, one token after another, gets results at a steady pace:
         busy-poll around when the next is due, so that it lands on a running thread."""
         if self._busy_poll_s <= 0:
             return
-        # One step may be registered: the next, encoded ahead (RemoteSession.encode_next). More are
-        # other steps in flight (a batch, other threads' sessions): no steady pace to foretell.
-        if len(self._steps) > 1:
+        # One step may be registered besides ``done_step`` (which its thread may not have forgotten
+        # yet): the next, encoded ahead (RemoteSession.encode_next). More are other steps in flight
+        # (a batch, other threads' sessions): no steady pace to foretell.
+        if len(self._steps) - (done_step in self._steps) > 1:
             self._results.reset()
             return
         now = time.monotonic()  # the loop's time

@@ -522,7 +522,12 @@ def finish_steps(
         session, pending = steps[0]
         if not _wait(pending.result, ENCODE_AHEAD_AFTER_S):
             session.encode_next(pending)
-            _wait(pending.result, timeout - ENCODE_AHEAD_AFTER_S)
+            left = timeout - ENCODE_AHEAD_AFTER_S
+            deadline = time.monotonic() + left
+            message = runtime.await_result(pending.step_ids[-1], pending.result, left)
+            if message is not None:
+                return [session._finish(pending, message)]
+            _wait(pending.result, deadline - time.monotonic())
     else:
         concurrent.futures.wait([pending.result for _, pending in steps], timeout)
     outputs: list[torch.Tensor | None] = []

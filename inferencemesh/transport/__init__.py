@@ -1,7 +1,7 @@
 """QUIC data plane for Python: an asyncio endpoint over the native ngtcp2 core (see docs/transport.md)."""
 
 from inferencemesh.transport.config import EndpointStats, PeerStats, TransportConfig
-from inferencemesh.transport.endpoint import Address, Endpoint, Frame, Handler
+from inferencemesh.transport.endpoint import Address, Endpoint, Frame, FrameWait, Handler
 from inferencemesh.transport.errors import (
     ConnectionLost,
     EndpointClosed,
@@ -26,6 +26,7 @@ __all__ = [
     "ErrorKind",
     "Frame",
     "FrameTooLarge",
+    "FrameWait",
     "Handler",
     "HandshakeFailed",
     "InvalidFrame",

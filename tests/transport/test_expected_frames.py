@@ -13,7 +13,7 @@ from transport_helpers import new_key, run
 
 from inferencemesh import _core
 from inferencemesh.protocol.frames import dtype_code, encode_message, pack_metadata
-from inferencemesh.transport import Endpoint, TransportConfig
+from inferencemesh.transport import Endpoint, FrameWait, TransportConfig
 
 KIND, FLAGS = 9, 1
 METADATA = {"session": b"s" * 16, "position": 40}
@@ -29,7 +29,7 @@ def expect(endpoint: Endpoint, arrivals: list[tuple[bytes, int]]) -> tuple[int, 
         (5, 10),
         dtype_code(torch.float32),
         SHAPE,
-        lambda peer_id, request_id: arrivals.append((peer_id, request_id)),
+        lambda peer_id, request_id, waited: arrivals.append((peer_id, request_id)),
     )
     return token, torch.frombuffer(memory, dtype=torch.float32).view(SHAPE)
 
@@ -126,3 +126,63 @@ def test_expected_frames_give_their_streams_credit_back() -> None:
         return [request_id for _, request_id in arrivals]
 
     assert run(scenario()) == [5 + n % 6 for n in range(40)]
+
+
+def test_a_thread_waiting_for_an_expected_frame_has_it_before_the_loop_handles_it() -> None:
+    async def scenario() -> None:
+        a = await Endpoint.start(new_key(), "127.0.0.1", 0)
+        b = await Endpoint.start(new_key(), "127.0.0.1", 0)
+        b.set_handler(lambda peer_id, buffer: pytest.fail("an expected frame reached the handler"))
+        waits: dict[str, FrameWait] = {}
+        arrivals: list[tuple[int, bool]] = []  # (request id, waited)
+
+        def expect_one() -> tuple[int, torch.Tensor]:
+            token, memory = b.expect_frame(
+                KIND,
+                FLAGS,
+                pack_metadata(METADATA),
+                (5, 10),
+                dtype_code(torch.float32),
+                SHAPE,
+                lambda peer_id, request_id, waited: arrivals.append((request_id, waited)),
+            )
+            return token, torch.frombuffer(memory, dtype=torch.float32).view(SHAPE)
+
+        loop = asyncio.get_running_loop()
+        token, into = expect_one()
+        assert await loop.run_in_executor(None, b.await_frame, token, 0.05) == FrameWait.TIMED_OUT
+        # A thread waits; the frame comes while it does.
+        waiting = loop.run_in_executor(None, b.await_frame, token, 5.0)
+        await asyncio.sleep(0.05)
+        tensor = torch.randn(SHAPE)
+        a.send_or_report(b.peer_id, ("127.0.0.1", b.port), message(7, tensor), pytest.fail)
+        waits["arrived"] = await waiting
+        assert torch.equal(into, tensor)
+        await until(lambda: arrivals)
+        assert arrivals == [(7, True)]  # the loop's callback follows, knowing the thread had it
+        # Taken before anyone waited: the waiter learns at once that it is no longer expected.
+        waits["taken before"] = b.await_frame(token, 5.0)
+        # Withdrawn while a thread waits: the wait ends at once.
+        token, _ = expect_one()
+        waiting = loop.run_in_executor(None, b.await_frame, token, 5.0)
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        b.forget_frame(token)
+        waits["forgotten"] = await waiting
+        assert time.monotonic() - started < 1.0
+        # Closing the endpoint ends every wait.
+        token, _ = expect_one()
+        waiting = loop.run_in_executor(None, b.await_frame, token, 5.0)
+        await asyncio.sleep(0.05)
+        await b.close()
+        waits["closed"] = await waiting
+        await a.close()
+        assert arrivals == [(7, True)]
+        assert waits == {
+            "arrived": FrameWait.ARRIVED,
+            "taken before": FrameWait.NOT_EXPECTED,
+            "forgotten": FrameWait.NOT_EXPECTED,
+            "closed": FrameWait.NOT_EXPECTED,
+        }
+
+    run(scenario())
