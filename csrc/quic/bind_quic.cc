@@ -201,7 +201,7 @@ class PyEndpoint {
           break;
         case Event::Type::kExpected:
           out.append(py::make_tuple(4, e.token, e.request_id,
-                                    py::bytes(reinterpret_cast<const char*>(e.peer.data()), e.peer.size()), e.waited));
+                                    py::bytes(reinterpret_cast<const char*>(e.peer.data()), e.peer.size())));
           break;
       }
     }
@@ -369,22 +369,22 @@ void bind_quic(py::module_& m) {
           py::arg("max_request_id"), py::arg("dtype"), py::arg("shape"),
           "Expects a frame of `kind` and `flags` with exactly `metadata`, a request id in [min, max] and one "
           "tensor of dtype code `dtype` and `shape`: when it completes, its tensor is copied into the "
-          "returned Buffer and poll() reports (4, token, request_id, peer_id, waited) instead of the frame.")
+          "returned Buffer and poll() reports (4, token, request_id, peer_id) instead of the frame.")
       .def("forget_expected", [](PyEndpoint& e, uint64_t token) { return e.endpoint().forget_expected(token); },
            py::arg("token"), "Drops an expectation; False if a frame took it (its event is on the way).")
       .def(
           "await_expected",
-          [](PyEndpoint& e, uint64_t token, double timeout_s) {
-            return static_cast<int>(e.endpoint().await_expected(token, seconds_to_ns(timeout_s)));
+          [](PyEndpoint& e, uint64_t token, double sleep_s, double spin_s) {
+            return static_cast<int>(e.endpoint().await_expected(token, seconds_to_ns(sleep_s), seconds_to_ns(spin_s)));
           },
-          py::arg("token"), py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>(),
-          "Blocks until the expected frame of `token` arrives (0: its tensor is in place; its event still "
-          "follows, with waited set), for at most timeout_s (1: still expected), or until it is forgotten, "
-          "was taken before the call, or the endpoint closes (2).")
+          py::arg("token"), py::arg("sleep_s"), py::arg("spin_s"), py::call_guard<py::gil_scoped_release>(),
+          "Waits for the expected frame of `token`, reading the socket on this thread: sleeps up to sleep_s, "
+          "then busy-polls up to spin_s. 0: it came (its tensor is in place; no event reports it); 1: not "
+          "yet; 2: taken before the call, forgotten, or the endpoint closed.")
       .def("poll", &PyEndpoint::poll,
            "Events since the last call: (0, token, buffer) response, (1, token, error_kind, message) failure, "
            "(2, token) one-way frame handed to QUIC, (3, incoming, peer_id, buffer, expects_response) incoming, "
-           "(4, token, request_id, peer_id, waited) an expected frame (see expect, await_expected).")
+           "(4, token, request_id, peer_id) an expected frame (see expect).")
       .def(
           "peer_stats",
           [](PyEndpoint& e, const py::bytes& peer) -> py::object {

@@ -230,14 +230,14 @@ void Endpoint::emit(Event&& event) {
   ++events_emitted_;
   if (event.type == Event::Type::kIncoming && !expected_.empty()) {
     uint64_t request_id = 0;
-    bool waited = false;
-    if (const uint64_t token = expected_.take(*event.buffer, &request_id, &waited); token != 0) {
+    bool claimed = false;
+    if (const uint64_t token = expected_.take(*event.buffer, &request_id, &claimed); token != 0) {
       finish(event.token);  // on the engine's thread: runs before this round of engine work ends
+      if (claimed) return;  // the thread in await_expected learns of it
       Event arrived{Event::Type::kExpected};
       arrived.token = token;
       arrived.request_id = request_id;
       arrived.peer = event.peer;
-      arrived.waited = waited;
       sink_->on_event(std::move(arrived));
       return;
     }
@@ -313,7 +313,7 @@ void Endpoint::close() {
     std::lock_guard<std::mutex> lock(mutex_);
     if (closed_ && !thread_.joinable()) return;
   }
-  expected_.close();  // threads waiting for expected frames return
+  expected_.close();  // threads in await_expected return
   post([this] { stopping_ = true; });
   wake_io_thread();  // the stop may have run on this thread; the I/O thread must see it
   {
@@ -598,6 +598,31 @@ void Endpoint::receive() {
     engine.lock();
     if (!ready) return;
   }
+}
+
+ExpectedFrames::Wait Endpoint::await_expected(uint64_t token, uint64_t sleep_ns, uint64_t spin_ns) {
+  if (!expected_.claim(token)) return ExpectedFrames::Wait::kNotExpected;
+  const uint64_t spin_from = now_ns() + sleep_ns;
+  const uint64_t until = spin_from + spin_ns;
+  for (uint64_t now = now_ns(); now < until && expected_.state(token) == ExpectedFrames::Wait::kExpected;
+       now = now_ns()) {
+    const bool ready =
+        now < spin_from ? sleep_for_datagram(std::min(spin_from - now, kAwaitSliceNs)) : socket_.has_datagram();
+    if (ready) read_here();
+  }
+  return expected_.unclaim(token);
+}
+
+void Endpoint::read_here() {
+  {
+    std::lock_guard<std::mutex> engine(engine_);
+    t_engine = this;
+    consumer_read_at_ = now_ns();
+    read_socket(consumer_read_at_);
+    turn();
+    t_engine = nullptr;
+  }
+  sink_->flush();  // what else came goes to the consumer as usual
 }
 
 bool Endpoint::await_datagram(uint64_t sleep_ns, uint64_t spin_ns) const {

@@ -99,9 +99,15 @@ class Endpoint final : public ConnectionHost {
   // stream it came on is finished as finish() would. forget_expected: false when a frame took it.
   void expect(uint64_t token, Expectation expectation) { expected_.add(token, std::move(expectation)); }
   bool forget_expected(uint64_t token) { return expected_.forget(token); }
-  // Blocks until an expected frame arrives (any thread; see ExpectedFrames::wait). Its kExpected
-  // event still follows, with `waited` set.
-  ExpectedFrames::Wait await_expected(uint64_t token, uint64_t timeout_ns) { return expected_.wait(token, timeout_ns); }
+  // Waits on the calling thread (any but the I/O thread) for an expected frame, reading the socket
+  // itself meanwhile: sleeps in ppoll for up to sleep_ns, then busy-polls for up to spin_ns, handling
+  // every datagram that comes (their events go to the sink as usual). kArrived: the frame came, its
+  // tensor is in place and no event reports it; kExpected: not yet (it is reported as usual if it
+  // comes later); kNotExpected: taken before the call, forgotten, or the endpoint closed. Where the
+  // frame is read elsewhere meanwhile (the consumer's or the I/O thread), the sleep notices within
+  // kAwaitSliceNs.
+  ExpectedFrames::Wait await_expected(uint64_t token, uint64_t sleep_ns, uint64_t spin_ns);
+  static constexpr uint64_t kAwaitSliceNs = 1'000'000;
 
   // These two wait for the engine's answer: never call them from an EventSink callback.
   std::optional<PeerStats> peer_stats(const PeerId& peer);
@@ -136,6 +142,7 @@ class Endpoint final : public ConnectionHost {
   void turn();  // one round of engine work; the caller holds engine_
   void run_commands();
   size_t read_socket(uint64_t now);  // returns the datagrams read
+  void read_here();  // reads the socket on the calling thread, as receive() does, and flushes the sink
   bool sleep_for_datagram(uint64_t ns) const;  // ppoll: true once a datagram is waiting
   bool spin_for_datagram(uint64_t ns) const;   // busy-polls: true once a datagram is waiting
   void on_datagram(const Address& from, const uint8_t* data, size_t len, uint64_t now);

@@ -1,7 +1,6 @@
 #include "quic/expected_frames.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 #include <stdexcept>
 
@@ -31,25 +30,7 @@ bool ExpectedFrames::forget(uint64_t token) {
   if (it == by_token_.end()) return false;
   by_metadata_.erase(it->second.metadata);
   by_token_.erase(it);
-  if (waiting_.count(token) != 0) arrivals_.notify_all();
   return true;
-}
-
-ExpectedFrames::Wait ExpectedFrames::wait(uint64_t token, uint64_t timeout_ns) {
-  std::unique_lock<std::mutex> lock(mutex_);
-  if (closed_ || by_token_.count(token) == 0) return Wait::kNotExpected;
-  waiting_.insert(token);
-  arrivals_.wait_for(lock, std::chrono::nanoseconds(timeout_ns),
-                     [&] { return closed_ || by_token_.count(token) == 0; });
-  waiting_.erase(token);
-  if (arrived_.erase(token) != 0) return Wait::kArrived;
-  return by_token_.count(token) != 0 && !closed_ ? Wait::kTimedOut : Wait::kNotExpected;
-}
-
-void ExpectedFrames::close() {
-  std::lock_guard<std::mutex> lock(mutex_);
-  closed_ = true;
-  arrivals_.notify_all();
 }
 
 bool ExpectedFrames::empty() const {
@@ -57,7 +38,32 @@ bool ExpectedFrames::empty() const {
   return by_token_.empty();
 }
 
-uint64_t ExpectedFrames::take(const Buffer& frame, uint64_t* request_id, bool* waited) {
+bool ExpectedFrames::claim(uint64_t token) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (closed_ || by_token_.count(token) == 0) return false;
+  claimed_.insert(token);
+  return true;
+}
+
+ExpectedFrames::Wait ExpectedFrames::state(uint64_t token) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (arrived_.count(token) != 0) return Wait::kArrived;
+  return !closed_ && by_token_.count(token) != 0 ? Wait::kExpected : Wait::kNotExpected;
+}
+
+ExpectedFrames::Wait ExpectedFrames::unclaim(uint64_t token) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  claimed_.erase(token);
+  if (arrived_.erase(token) != 0) return Wait::kArrived;
+  return !closed_ && by_token_.count(token) != 0 ? Wait::kExpected : Wait::kNotExpected;
+}
+
+void ExpectedFrames::close() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  closed_ = true;
+}
+
+uint64_t ExpectedFrames::take(const Buffer& frame, uint64_t* request_id, bool* claimed) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (by_token_.empty()) return 0;
   FrameView view;
@@ -82,11 +88,8 @@ uint64_t ExpectedFrames::take(const Buffer& frame, uint64_t* request_id, bool* w
   *request_id = h.request_id;
   by_token_.erase(token);
   by_metadata_.erase(found);
-  *waited = waiting_.count(token) != 0;
-  if (*waited) {
-    arrived_.insert(token);
-    arrivals_.notify_all();
-  }
+  *claimed = claimed_.count(token) != 0;
+  if (*claimed) arrived_.insert(token);
   return token;
 }
 

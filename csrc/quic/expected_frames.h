@@ -6,7 +6,6 @@
 // third of a hop's Python time (docs/benchmarks.md).
 #pragma once
 
-#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -44,25 +43,30 @@ class ExpectedFrames {
   bool forget(uint64_t token);
   // If `frame` is a complete frame that an expectation waits for, copies its tensor into that
   // expectation's buffer, drops the expectation and returns its token; 0 otherwise (the frame is then
-  // left to the consumer as any other). `*waited`: a thread in wait() learns of it now.
-  uint64_t take(const Buffer& frame, uint64_t* request_id, bool* waited);
+  // left to the consumer as any other). `*claimed`: a thread waits for it (claim) and learns of it
+  // from state(); nobody else need be told.
+  uint64_t take(const Buffer& frame, uint64_t* request_id, bool* claimed);
   bool empty() const;
 
-  // What wait() found.
-  enum class Wait { kArrived, kTimedOut, kNotExpected };
-  // Blocks the calling thread until the frame of `token` arrives (kArrived: its tensor is in place),
-  // for at most `timeout_ns` (kTimedOut: still expected), or until it is forgotten or the registry
-  // closed. kNotExpected at once for a token no longer expected (taken before the wait, forgotten).
-  Wait wait(uint64_t token, uint64_t timeout_ns);
-  // Wakes every waiter, for good (the endpoint is closing).
+  // Where an expectation a thread waits for stands.
+  enum class Wait { kArrived, kExpected, kNotExpected };
+  // A thread is about to wait for `token`'s frame: false if it is no longer expected (taken before,
+  // forgotten, or the registry closed).
+  bool claim(uint64_t token);
+  // kArrived once a frame took the claimed expectation (its tensor is in place), kExpected while it
+  // waits, kNotExpected once forgotten or closed.
+  Wait state(uint64_t token) const;
+  // The waiting thread gives up its claim: the expectation's frame, if it comes later, is reported as
+  // any unclaimed one. Returns the final state.
+  Wait unclaim(uint64_t token);
+  // Every claimed expectation stops being expected (the endpoint is closing).
   void close();
 
  private:
   mutable std::mutex mutex_;
-  std::condition_variable arrivals_;
   std::unordered_map<std::string, uint64_t> by_metadata_;
   std::unordered_map<uint64_t, Expectation> by_token_;
-  std::unordered_set<uint64_t> waiting_;  // tokens a thread waits for
+  std::unordered_set<uint64_t> claimed_;  // tokens a thread waits for
   std::unordered_set<uint64_t> arrived_;  // of those, the ones a frame took
   bool closed_ = false;
 };

@@ -83,7 +83,7 @@ struct Event {
     kFailed,    // token: a request's or send's token; error, message
     kSent,      // token: a send's token; every byte was handed to QUIC (flow control admitted it)
     kIncoming,  // token: incoming id for respond/reject/finish; peer; buffer; expects_response
-    kExpected,  // token: the expectation's (Endpoint::expect); request_id; peer; waited. Its tensor is copied.
+    kExpected,  // token: the expectation's (Endpoint::expect); request_id; peer. Its tensor is copied.
   };
   explicit Event(Type t) : type(t) {}
   Type type;
@@ -94,7 +94,6 @@ struct Event {
   std::shared_ptr<Buffer> buffer;
   PeerId peer{};
   bool expects_response = false;
-  bool waited = false;  // kExpected: a thread in Endpoint::await_expected learnt of it first
 };
 
 // Receives events on the endpoint's I/O thread. Implementations must not block.

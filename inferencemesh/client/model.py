@@ -142,8 +142,8 @@ class DistributedModelForCausalLM:
         busy_poll_s: float = RESULT_BUSY_POLL_S,
     ) -> DistributedModelForCausalLM:
         """Loads the client's part of the model (embeddings, final norm, LM head) on ``device`` and
-        joins the swarm. ``busy_poll_s``: while one step at a time is in flight, busy-poll this long
-        either side of when the next result is due (0: never; docs/swarm.md)."""
+        joins the swarm. ``busy_poll_s``: while one step at a time is in flight, the thread waiting for
+        its result busy-polls this long either side of when it is due (0: never; docs/swarm.md)."""
         runtime = MeshRuntime(bootstrap, host=host, busy_poll_s=busy_poll_s)
         try:
             return cls(

@@ -40,11 +40,11 @@ T = TypeVar("T")
 # from the peer's native I/O thread, which a busy worker (compute, GIL) does not hold up, so a short
 # deadline tells a dead or frozen worker from a busy one quickly (the workers' default is 1 s).
 CLIENT_DEAD_PEER_TIMEOUT_S = 0.25
-# While one step at a time is in flight, the loop's thread busy-polls this long either side of when
-# the next result is due (see Endpoint.expect_message); 0: never.
+# While one step at a time is in flight, the thread waiting for its result busy-polls the socket this
+# long either side of when the result is due (see MeshRuntime.await_result); 0: never.
 RESULT_BUSY_POLL_S = 0.0003
-# A thread waiting for its step's result natively (MeshRuntime.await_result) looks at the step's
-# future this often, for failures that reach only the future.
+# A thread waiting for its step's result (MeshRuntime.await_result) looks at the step's future this
+# often, for failures that reach only the future (a send that failed).
 RESULT_WAIT_SLICE_S = 0.005
 
 
@@ -70,8 +70,10 @@ class MeshRuntime:
         # step id -> its expect_frame token and the message its result will be (expect_result)
         self._expected_results: dict[int, tuple[int, Message]] = {}
         self.results_matched = 0  # step results the endpoint matched to an expect_result
+        self.result_spins = 0  # waits for a step's result that busy-polled (await_result)
         self._busy_poll_s = busy_poll_s
-        self._results = Cadence()  # of step results that came with no other step in flight
+        # Of the results that threads waiting in await_result took with no other step in flight.
+        self._results = Cadence()
         # Ids distinct across client restarts; next() on a count is atomic, so any thread may take one.
         self._step_ids = itertools.count((int(time.time_ns() & 0xFFFF_FFFF) << 20) + 1)
         self.endpoint: Endpoint | None = None
@@ -153,27 +155,50 @@ class MeshRuntime:
     def await_result(
         self, step_id: int, result: concurrent.futures.Future[Message], timeout: float
     ) -> Message | None:
-        """On the thread that sent step ``step_id``: its result, taken as the endpoint matches it
-        (Endpoint.await_frame), without waiting for the loop's thread to handle it and wake this
-        one. None when its result is not expected that way, or ``result`` is done (an error), or
-        nothing came within ``timeout``: the caller then looks at ``result``."""
+        """On the thread that sent step ``step_id``: its result, taken as it arrives by this thread,
+        which reads the socket meanwhile (Endpoint.await_frame), so that no wake-up and no Python on
+        the loop's thread stand between the result and its user. While it is the one step in flight,
+        results come at a steady pace, and the thread busy-polls around when this one is due (one
+        median gap after the last, +- busy_poll_s) instead of sleeping. None when the result is not
+        expected that way, or ``result`` is done (an error), or nothing came within ``timeout``: the
+        caller then looks at ``result``."""
         entry = self._expected_results.get(step_id)
-        if entry is None or self.endpoint is None:
+        endpoint = self.endpoint
+        if entry is None or endpoint is None:
             return None
         token, message = entry
-        deadline = time.monotonic() + timeout
-        while not result.done():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
+        now = time.monotonic()
+        deadline = now + timeout
+        spin_from = spin_until = deadline  # no spin
+        due = self._results.next_due()
+        # Besides this step, one may be registered: the next, encoded ahead (RemoteSession.encode_next).
+        # More are other steps in flight (a batch, other threads' sessions): no steady pace to foretell.
+        alone = len(self._steps) <= 2
+        if due is not None and alone and self._busy_poll_s > 0 and endpoint.may_busy_poll:
+            spin_from, spin_until = due - self._busy_poll_s, min(deadline, due + self._busy_poll_s)
+        if not alone:
+            self._results.reset()
+        outcome = FrameWait.TIMED_OUT
+        while outcome == FrameWait.TIMED_OUT and not result.done() and now < deadline:
             # In slices: a failure that does not withdraw the expectation (a send that failed) sets
             # ``result`` alone.
-            outcome = self.endpoint.await_frame(token, min(remaining, RESULT_WAIT_SLICE_S))
-            if outcome == FrameWait.ARRIVED:
-                return message
-            if outcome == FrameWait.NOT_EXPECTED:
-                return None
-        return None
+            if now < spin_from:
+                sleep_s, spin_s = min(spin_from - now, RESULT_WAIT_SLICE_S), 0.0
+            else:
+                sleep_s, spin_s = 0.0, spin_until - now
+                if spin_s <= 0:
+                    sleep_s, spin_s = min(deadline - now, RESULT_WAIT_SLICE_S), 0.0
+            if spin_s > 0:
+                self.result_spins += 1
+            outcome = endpoint.await_frame(token, sleep_s, spin_s)
+            now = time.monotonic()
+        if outcome != FrameWait.ARRIVED:
+            return None
+        self._expected_results.pop(step_id, None)
+        self.results_matched += 1
+        if alone:
+            self._results.note(now)
+        return message
 
     def forget_step(self, step_id: int) -> None:
         self._steps.pop(step_id, None)
@@ -184,12 +209,10 @@ class MeshRuntime:
         if entry is not None and self.endpoint is not None:
             self.endpoint.forget_frame(entry[0])
 
-    def _result_arrived(self, message: Message, peer_id: bytes, step_id: int, waited: bool) -> None:
+    def _result_arrived(self, message: Message, peer_id: bytes, step_id: int) -> None:
+        """An expected result that no thread waited for in await_result (it came before)."""
         self._expected_results.pop(step_id, None)
         self.results_matched += 1
-        if waited:  # its thread has it already (await_result)
-            self._expect_next_result(step_id)
-            return
         self._resolve(peer_id, message)
 
     def _on_message(self, peer_id: bytes, buffer: Any) -> None:
@@ -217,26 +240,6 @@ class MeshRuntime:
             future.set_result(message)
         except concurrent.futures.InvalidStateError:
             return  # its send failed meanwhile (reported on another thread)
-        # After the result: the waiting thread wakes meanwhile, on the other CPU.
-        self._expect_next_result(message.request_id)
-
-    def _expect_next_result(self, done_step: int) -> None:
-        """A user stepping one session, one token after another, gets results at a steady pace:
-        busy-poll around when the next is due, so that it lands on a running thread."""
-        if self._busy_poll_s <= 0:
-            return
-        # One step may be registered besides ``done_step`` (which its thread may not have forgotten
-        # yet): the next, encoded ahead (RemoteSession.encode_next). More are other steps in flight
-        # (a batch, other threads' sessions): no steady pace to foretell.
-        if len(self._steps) - (done_step in self._steps) > 1:
-            self._results.reset()
-            return
-        now = time.monotonic()  # the loop's time
-        self._results.note(now)
-        due = self._results.next_due()
-        if due is not None:
-            assert self.endpoint is not None
-            self.endpoint.expect_message(due, self._busy_poll_s)
 
     # ---------------------------------------------------------------- requests
     async def request(

@@ -275,7 +275,7 @@ class WorkerService:
         self.errors += 1
         self._report(client, step_id, WorkerError(f"internal error: {exc!r}"))
 
-    def _foreseen_arrived(self, prepared: _Prepared, sender: bytes, step_id: int, waited: bool) -> None:
+    def _foreseen_arrived(self, prepared: _Prepared, sender: bytes, step_id: int) -> None:
         """The step a session's prepared message waits for came (see :meth:`_prepare_next`): its
         metadata byte for byte what that foresaw, its hidden state of the same dtype and shape as
         the step before, already copied into the foreseen step's tensor by the endpoint. Those passed

@@ -37,8 +37,8 @@ Address = tuple[str, int]
 # handler(peer_id, buffer) -> response frame for a request, None for a one-way message; may be a
 # coroutine function or a plain function (the latter runs inline, saving a task per message).
 Handler = Callable[[bytes, Any], Awaitable[Frame | None] | Frame | None]
-# on_arrival(peer_id, request_id, waited) of an expected frame (see Endpoint.expect_frame)
-Arrival = Callable[[bytes, int, bool], None]
+# on_arrival(peer_id, request_id) of an expected frame (see Endpoint.expect_frame)
+Arrival = Callable[[bytes, int], None]
 
 
 class FrameWait(enum.IntEnum):
@@ -74,7 +74,8 @@ class Endpoint:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._expectation: asyncio.TimerHandle | None = None
-        self._may_busy_poll = config.loop_reads_socket and len(os.sched_getaffinity(0)) > 1
+        # Busy-polling takes a CPU from the work that sends the message when there is only one.
+        self.may_busy_poll = config.loop_reads_socket and len(os.sched_getaffinity(0)) > 1
         self.busy_polls = 0  # expected messages waited for by busy-polling (see expect_message) ...
         self.busy_polls_caught = 0  # ... and of those, the ones a message came within
         self.peer_id: bytes = native.peer_id
@@ -236,9 +237,9 @@ class Endpoint:
         """Expects a message known in advance but for its request id and its one tensor: kind, flags and
         metadata bytes exactly these, a request id in ``request_ids`` (inclusive), a tensor of dtype
         code ``dtype`` and ``shape``. The native side matches it as it completes and copies its tensor
-        into the returned ``_core.Buffer``; ``on_arrival(peer_id, request_id, waited)`` then runs on
-        the loop's thread instead of the handler, once (``waited``: a thread in :meth:`await_frame`
-        learnt of it first). Returns (token, buffer); ``forget_frame(token)`` withdraws it.
+        into the returned ``_core.Buffer``; ``on_arrival(peer_id, request_id)`` then runs on the
+        loop's thread instead of the handler, once, unless a thread in :meth:`await_frame` took it.
+        Returns (token, buffer); ``forget_frame(token)`` withdraws it.
         Decoding and comparing such a message in Python took ~40 us of a hop with cold caches
         (docs/benchmarks.md). Raises ValueError when a frame with the same metadata is already
         expected. Any thread may call it."""
@@ -251,13 +252,19 @@ class Endpoint:
             raise
         return token, buffer
 
-    def await_frame(self, token: int, timeout: float) -> FrameWait:
-        """Blocks the calling thread (not the loop's: it releases the GIL) until the frame of an
-        expect_frame arrives, for at most ``timeout`` seconds, or until it is withdrawn. The waiter
-        learns of the frame as the native side matches it, before any Python runs for it on the
-        loop's thread (there, ``on_arrival`` follows with ``waited`` True): a client's waiting
-        thread skips the loop thread's handling of its step's result, ~85 us cold (traced)."""
-        return FrameWait(self._native.await_expected(token, timeout))
+    def await_frame(self, token: int, sleep_s: float, spin_s: float) -> FrameWait:
+        """Waits on the calling thread, which must not be the loop's (the GIL is released), for the
+        frame of an expect_frame, reading the socket itself meanwhile: sleeps up to ``sleep_s``,
+        then busy-polls up to ``spin_s``; every other message that comes goes to the loop's thread
+        as usual. ARRIVED: the frame came, its tensor is in place, and ``on_arrival`` does not run.
+        A thread that waits so for its own message (a client's step result) has it with no
+        wake-up and no hand-off from the loop's thread: ~160 us less of a step's way on the VM of
+        docs/benchmarks.md. The loop's thread still wakes for the datagrams and finds them read
+        (taking the socket from it costs more on the step's way than that: traced)."""
+        outcome = FrameWait(self._native.await_expected(token, sleep_s, spin_s))
+        if outcome == FrameWait.ARRIVED:
+            self._arrivals.pop(token, None)
+        return outcome
 
     def forget_frame(self, token: int) -> None:
         """Withdraws an expect_frame. One that a message already took still reports its arrival (the
@@ -284,7 +291,7 @@ class Endpoint:
         sends the message."""
         if self._expectation is not None:
             self._expectation.cancel()
-        if not self._may_busy_poll or window <= 0 or self._closed:
+        if not self.may_busy_poll or window <= 0 or self._closed:
             self._expectation = None
             return
         start, end = at - window, at + window
@@ -318,7 +325,7 @@ class Endpoint:
                 self._dispatch(event[1], event[2], event[3], event[4])
                 continue
             if kind == _EXPECTED:
-                self._arrived(event[1], event[3], event[2], event[4])
+                self._arrived(event[1], event[3], event[2])
                 continue
             entry = self._pending.pop(event[1], None)
             if entry is None or entry[0].done():
@@ -328,12 +335,12 @@ class Endpoint:
             else:
                 entry[0].set_result(event[2] if kind == _RESPONSE else None)
 
-    def _arrived(self, token: int, peer_id: bytes, request_id: int, waited: bool) -> None:
+    def _arrived(self, token: int, peer_id: bytes, request_id: int) -> None:
         on_arrival = self._arrivals.pop(token, None)
         if on_arrival is None:  # closed meanwhile
             return
         try:
-            on_arrival(peer_id, request_id, waited)
+            on_arrival(peer_id, request_id)
         except Exception:
             log.exception("the arrival of an expected frame from peer %s failed", peer_id.hex()[:12])
 

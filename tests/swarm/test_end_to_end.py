@@ -227,15 +227,16 @@ def ping(
 def test_a_lone_sessions_next_step_and_result_are_busy_polled_for_and_stay_exact(
     client: DistributedModelForCausalLM, reference_tokens: dict[str, list[int]]
 ) -> None:
-    """Stepping one session token after token, every worker expects the next step, and the client
-    the next result, around when the steps before foretell it, and busy-polls then (Endpoint.
-    expect_message); whether a message lands within the window depends on the machine's timing,
-    so the test counts the waits, not the catches, and checks that nothing changes the tokens.
-    Each decode step after the first is foreseen: the workers' endpoints match it as it arrives
+    """Stepping one session token after token, every worker expects the next step around when the
+    steps before foretell it and busy-polls then (Endpoint.expect_message), and the thread waiting
+    for each result reads the socket itself, busy-polling around when it is due (MeshRuntime.
+    await_result); whether a message lands within the window depends on the machine's timing, so
+    the test counts the waits, not the catches, and checks that nothing changes the tokens. Each
+    decode step after the first is foreseen: the workers' endpoints match it as it arrives
     (Endpoint.expect_frame), as the client's does its result."""
     prompt_ids = client.encode_prompt(PROMPTS[2], chat=True)
     assert client.runtime.endpoint is not None
-    client_polls = client.runtime.endpoint.busy_polls
+    client_spins = client.runtime.result_spins
     results_matched = client.runtime.results_matched
     with client.inference_session(max_length=len(prompt_ids) + 16) as session:
         before = [ping(client, hop, {}) for hop in session.route]
@@ -247,7 +248,7 @@ def test_a_lone_sessions_next_step_and_result_are_busy_polled_for_and_stay_exact
     # Five decode steps make a cadence; each later step's wait is armed once it is foreseeable.
     polls = [(then["busy_polls"], now["busy_polls"]) for then, now in zip(before, after, strict=True)]
     assert all(now[0] > then[0] and now[1] <= now[0] for then, now in polls)
-    assert client.runtime.endpoint.busy_polls > client_polls
+    assert client.runtime.result_spins > client_spins
     # Each of the 15 decode steps is foreseen a forward or more before it comes; a loaded machine
     # may hold up a preparation (a 1 ms timer) past a step's arrival now and then.
     foreseen = [

@@ -29,7 +29,7 @@ def expect(endpoint: Endpoint, arrivals: list[tuple[bytes, int]]) -> tuple[int, 
         (5, 10),
         dtype_code(torch.float32),
         SHAPE,
-        lambda peer_id, request_id, waited: arrivals.append((peer_id, request_id)),
+        lambda peer_id, request_id: arrivals.append((peer_id, request_id)),
     )
     return token, torch.frombuffer(memory, dtype=torch.float32).view(SHAPE)
 
@@ -128,58 +128,64 @@ def test_expected_frames_give_their_streams_credit_back() -> None:
     assert run(scenario()) == [5 + n % 6 for n in range(40)]
 
 
-def test_a_thread_waiting_for_an_expected_frame_has_it_before_the_loop_handles_it() -> None:
+def test_a_thread_waiting_for_an_expected_frame_reads_it_itself() -> None:
+    """await_frame: the waiting thread reads the socket (sleeping, then busy-polling) and takes its
+    frame with no callback on the loop's thread; other messages still reach the handler."""
+
     async def scenario() -> None:
         a = await Endpoint.start(new_key(), "127.0.0.1", 0)
         b = await Endpoint.start(new_key(), "127.0.0.1", 0)
-        b.set_handler(lambda peer_id, buffer: pytest.fail("an expected frame reached the handler"))
-        waits: dict[str, FrameWait] = {}
-        arrivals: list[tuple[int, bool]] = []  # (request id, waited)
-
-        def expect_one() -> tuple[int, torch.Tensor]:
-            token, memory = b.expect_frame(
-                KIND,
-                FLAGS,
-                pack_metadata(METADATA),
-                (5, 10),
-                dtype_code(torch.float32),
-                SHAPE,
-                lambda peer_id, request_id, waited: arrivals.append((request_id, waited)),
-            )
-            return token, torch.frombuffer(memory, dtype=torch.float32).view(SHAPE)
-
+        handled: list[int] = []
+        arrivals: list[tuple[bytes, int]] = []
+        b.set_handler(lambda peer_id, buffer: handled.append(_core.decode_frame(buffer).request_id))
         loop = asyncio.get_running_loop()
-        token, into = expect_one()
-        assert await loop.run_in_executor(None, b.await_frame, token, 0.05) == FrameWait.TIMED_OUT
-        # A thread waits; the frame comes while it does.
-        waiting = loop.run_in_executor(None, b.await_frame, token, 5.0)
-        await asyncio.sleep(0.05)
+        address = ("127.0.0.1", b.port)
+        waits: dict[str, FrameWait] = {}
+
+        async def wait_while(sending: list[Any], sleep_s: float, spin_s: float) -> FrameWait:
+            waiting = loop.run_in_executor(None, b.await_frame, token, sleep_s, spin_s)
+            for frame in sending:
+                await asyncio.sleep(0.05)
+                a.send_or_report(b.peer_id, address, frame, pytest.fail)
+            return await waiting
+
+        token, into = expect(b, arrivals)
+        waits["nothing came"] = await wait_while([], 0.05, 0.01)
+        # Sleeping: another message first (to the handler), then the frame.
         tensor = torch.randn(SHAPE)
-        a.send_or_report(b.peer_id, ("127.0.0.1", b.port), message(7, tensor), pytest.fail)
-        waits["arrived"] = await waiting
+        waits["asleep"] = await wait_while([message(4, tensor), message(7, tensor)], 5.0, 0.0)
         assert torch.equal(into, tensor)
+        await until(lambda: handled)
+        # Busy-polling.
+        token, into = expect(b, arrivals)
+        tensor = torch.randn(SHAPE)
+        waits["spinning"] = await wait_while([message(8, tensor)], 0.0, 5.0)
+        assert torch.equal(into, tensor)
+        assert handled == [4] and not arrivals  # the loop's thread saw the other message only
+        # Taken before anyone waited: on_arrival ran, and the waiter learns at once.
+        token, _ = expect(b, arrivals)
+        a.send_or_report(b.peer_id, address, message(9, tensor), pytest.fail)
         await until(lambda: arrivals)
-        assert arrivals == [(7, True)]  # the loop's callback follows, knowing the thread had it
-        # Taken before anyone waited: the waiter learns at once that it is no longer expected.
-        waits["taken before"] = b.await_frame(token, 5.0)
-        # Withdrawn while a thread waits: the wait ends at once.
-        token, _ = expect_one()
-        waiting = loop.run_in_executor(None, b.await_frame, token, 5.0)
+        waits["taken before"] = b.await_frame(token, 5.0, 0.0)
+        # Withdrawn, or the endpoint closed, while a thread waits: the wait ends.
+        token, _ = expect(b, arrivals)
+        waiting = loop.run_in_executor(None, b.await_frame, token, 5.0, 0.0)
         await asyncio.sleep(0.05)
         started = time.monotonic()
         b.forget_frame(token)
         waits["forgotten"] = await waiting
         assert time.monotonic() - started < 1.0
-        # Closing the endpoint ends every wait.
-        token, _ = expect_one()
-        waiting = loop.run_in_executor(None, b.await_frame, token, 5.0)
+        token, _ = expect(b, arrivals)
+        waiting = loop.run_in_executor(None, b.await_frame, token, 5.0, 0.0)
         await asyncio.sleep(0.05)
         await b.close()
         waits["closed"] = await waiting
         await a.close()
-        assert arrivals == [(7, True)]
+        assert arrivals == [(a.peer_id, 9)]
         assert waits == {
-            "arrived": FrameWait.ARRIVED,
+            "nothing came": FrameWait.TIMED_OUT,
+            "asleep": FrameWait.ARRIVED,
+            "spinning": FrameWait.ARRIVED,
             "taken before": FrameWait.NOT_EXPECTED,
             "forgotten": FrameWait.NOT_EXPECTED,
             "closed": FrameWait.NOT_EXPECTED,
