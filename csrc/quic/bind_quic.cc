@@ -375,12 +375,22 @@ void bind_quic(py::module_& m) {
       .def(
           "await_expected",
           [](PyEndpoint& e, uint64_t token, double sleep_s, double spin_s) {
-            return static_cast<int>(e.endpoint().await_expected(token, seconds_to_ns(sleep_s), seconds_to_ns(spin_s)));
+            uint64_t request_id = 0;
+            PeerId from{};
+            quic::ExpectedFrames::Wait outcome;
+            {
+              py::gil_scoped_release nogil;
+              outcome = e.endpoint().await_expected(token, seconds_to_ns(sleep_s), seconds_to_ns(spin_s),
+                                                    &request_id, &from);
+            }
+            return py::make_tuple(static_cast<int>(outcome), request_id,
+                                  py::bytes(reinterpret_cast<const char*>(from.data()), from.size()));
           },
-          py::arg("token"), py::arg("sleep_s"), py::arg("spin_s"), py::call_guard<py::gil_scoped_release>(),
+          py::arg("token"), py::arg("sleep_s"), py::arg("spin_s"),
           "Waits for the expected frame of `token`, reading the socket on this thread: sleeps up to sleep_s, "
-          "then busy-polls up to spin_s. 0: it came (its tensor is in place; no event reports it); 1: not "
-          "yet; 2: taken before the call, forgotten, or the endpoint closed.")
+          "then busy-polls up to spin_s. Returns (outcome, request_id, peer_id). Outcome 0: it came (its "
+          "tensor is in place; no event reports it); 1: not yet (time ran out, or other events came: poll() "
+          "has them); 2: taken before the call, forgotten, or the endpoint closed.")
       .def("poll", &PyEndpoint::poll,
            "Events since the last call: (0, token, buffer) response, (1, token, error_kind, message) failure, "
            "(2, token) one-way frame handed to QUIC, (3, incoming, peer_id, buffer, expects_response) incoming, "

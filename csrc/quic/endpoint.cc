@@ -227,13 +227,13 @@ void Endpoint::expire_requests(uint64_t now) {
 }
 
 void Endpoint::emit(Event&& event) {
-  ++events_emitted_;
   if (event.type == Event::Type::kIncoming && !expected_.empty()) {
     uint64_t request_id = 0;
     bool claimed = false;
-    if (const uint64_t token = expected_.take(*event.buffer, &request_id, &claimed); token != 0) {
+    if (const uint64_t token = expected_.take(*event.buffer, event.peer, &request_id, &claimed); token != 0) {
       finish(event.token);  // on the engine's thread: runs before this round of engine work ends
-      if (claimed) return;  // the thread in await_expected learns of it
+      if (claimed) return;  // the thread in await_expected learns of it: nothing to report
+      ++events_emitted_;
       Event arrived{Event::Type::kExpected};
       arrived.token = token;
       arrived.request_id = request_id;
@@ -242,6 +242,7 @@ void Endpoint::emit(Event&& event) {
       return;
     }
   }
+  ++events_emitted_;
   if (event.type != Event::Type::kIncoming && !token_deadline_.empty()) {
     if (auto it = token_deadline_.find(event.token); it != token_deadline_.end()) {
       deadlines_.erase({it->second, event.token});
@@ -600,7 +601,8 @@ void Endpoint::receive() {
   }
 }
 
-ExpectedFrames::Wait Endpoint::await_expected(uint64_t token, uint64_t sleep_ns, uint64_t spin_ns) {
+ExpectedFrames::Wait Endpoint::await_expected(uint64_t token, uint64_t sleep_ns, uint64_t spin_ns,
+                                              uint64_t* request_id, PeerId* from) {
   if (!expected_.claim(token)) return ExpectedFrames::Wait::kNotExpected;
   const uint64_t spin_from = now_ns() + sleep_ns;
   const uint64_t until = spin_from + spin_ns;
@@ -608,21 +610,25 @@ ExpectedFrames::Wait Endpoint::await_expected(uint64_t token, uint64_t sleep_ns,
        now = now_ns()) {
     const bool ready =
         now < spin_from ? sleep_for_datagram(std::min(spin_from - now, kAwaitSliceNs)) : socket_.has_datagram();
-    if (ready) read_here();
+    if (ready && read_here()) break;  // others' events: the caller handles them first
   }
-  return expected_.unclaim(token);
+  return expected_.unclaim(token, request_id, from);
 }
 
-void Endpoint::read_here() {
+bool Endpoint::read_here() {
+  bool events;
   {
     std::lock_guard<std::mutex> engine(engine_);
     t_engine = this;
+    const uint64_t emitted = events_emitted_;
     consumer_read_at_ = now_ns();
     read_socket(consumer_read_at_);
     turn();
     t_engine = nullptr;
+    events = events_emitted_ != emitted;
   }
-  sink_->flush();  // what else came goes to the consumer as usual
+  sink_->flush();
+  return events;
 }
 
 bool Endpoint::await_datagram(uint64_t sleep_ns, uint64_t spin_ns) const {

@@ -101,12 +101,14 @@ class Endpoint final : public ConnectionHost {
   bool forget_expected(uint64_t token) { return expected_.forget(token); }
   // Waits on the calling thread (any but the I/O thread) for an expected frame, reading the socket
   // itself meanwhile: sleeps in ppoll for up to sleep_ns, then busy-polls for up to spin_ns, handling
-  // every datagram that comes (their events go to the sink as usual). kArrived: the frame came, its
-  // tensor is in place and no event reports it; kExpected: not yet (it is reported as usual if it
-  // comes later); kNotExpected: taken before the call, forgotten, or the endpoint closed. Where the
-  // frame is read elsewhere meanwhile (the consumer's or the I/O thread), the sleep notices within
-  // kAwaitSliceNs.
-  ExpectedFrames::Wait await_expected(uint64_t token, uint64_t sleep_ns, uint64_t spin_ns);
+  // every datagram that comes. kArrived: the frame came (its request id and sender in the out
+  // arguments), its tensor is in place and no event reports it. kExpected: not yet, either because
+  // the time ran out or because other events went to the sink meanwhile (the caller handles them and
+  // may wait again); the frame is reported as usual if it comes while nobody waits. kNotExpected:
+  // taken before the call, forgotten, or the endpoint closed. Where the frame is read elsewhere
+  // meanwhile (the consumer's or the I/O thread), the sleep notices within kAwaitSliceNs.
+  ExpectedFrames::Wait await_expected(uint64_t token, uint64_t sleep_ns, uint64_t spin_ns, uint64_t* request_id,
+                                      PeerId* from);
   static constexpr uint64_t kAwaitSliceNs = 1'000'000;
 
   // These two wait for the engine's answer: never call them from an EventSink callback.
@@ -142,7 +144,7 @@ class Endpoint final : public ConnectionHost {
   void turn();  // one round of engine work; the caller holds engine_
   void run_commands();
   size_t read_socket(uint64_t now);  // returns the datagrams read
-  void read_here();  // reads the socket on the calling thread, as receive() does, and flushes the sink
+  bool read_here();  // reads the socket on this thread as receive() does, flushes the sink; true: events
   bool sleep_for_datagram(uint64_t ns) const;  // ppoll: true once a datagram is waiting
   bool spin_for_datagram(uint64_t ns) const;   // busy-polls: true once a datagram is waiting
   void on_datagram(const Address& from, const uint8_t* data, size_t len, uint64_t now);

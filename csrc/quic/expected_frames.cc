@@ -51,10 +51,15 @@ ExpectedFrames::Wait ExpectedFrames::state(uint64_t token) const {
   return !closed_ && by_token_.count(token) != 0 ? Wait::kExpected : Wait::kNotExpected;
 }
 
-ExpectedFrames::Wait ExpectedFrames::unclaim(uint64_t token) {
+ExpectedFrames::Wait ExpectedFrames::unclaim(uint64_t token, uint64_t* request_id, PeerId* from) {
   std::lock_guard<std::mutex> lock(mutex_);
   claimed_.erase(token);
-  if (arrived_.erase(token) != 0) return Wait::kArrived;
+  if (auto it = arrived_.find(token); it != arrived_.end()) {
+    *request_id = it->second.request_id;
+    *from = it->second.from;
+    arrived_.erase(it);
+    return Wait::kArrived;
+  }
   return !closed_ && by_token_.count(token) != 0 ? Wait::kExpected : Wait::kNotExpected;
 }
 
@@ -63,7 +68,7 @@ void ExpectedFrames::close() {
   closed_ = true;
 }
 
-uint64_t ExpectedFrames::take(const Buffer& frame, uint64_t* request_id, bool* claimed) {
+uint64_t ExpectedFrames::take(const Buffer& frame, const PeerId& from, uint64_t* request_id, bool* claimed) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (by_token_.empty()) return 0;
   FrameView view;
@@ -89,7 +94,7 @@ uint64_t ExpectedFrames::take(const Buffer& frame, uint64_t* request_id, bool* c
   by_token_.erase(token);
   by_metadata_.erase(found);
   *claimed = claimed_.count(token) != 0;
-  if (*claimed) arrived_.insert(token);
+  if (*claimed) arrived_[token] = Arrival{h.request_id, from};
   return token;
 }
 

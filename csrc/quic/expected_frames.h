@@ -16,6 +16,7 @@
 
 #include "buffer_pool.h"
 #include "frame.h"
+#include "quic/types.h"
 
 namespace im::quic {
 
@@ -45,7 +46,7 @@ class ExpectedFrames {
   // expectation's buffer, drops the expectation and returns its token; 0 otherwise (the frame is then
   // left to the consumer as any other). `*claimed`: a thread waits for it (claim) and learns of it
   // from state(); nobody else need be told.
-  uint64_t take(const Buffer& frame, uint64_t* request_id, bool* claimed);
+  uint64_t take(const Buffer& frame, const PeerId& from, uint64_t* request_id, bool* claimed);
   bool empty() const;
 
   // Where an expectation a thread waits for stands.
@@ -57,8 +58,8 @@ class ExpectedFrames {
   // waits, kNotExpected once forgotten or closed.
   Wait state(uint64_t token) const;
   // The waiting thread gives up its claim: the expectation's frame, if it comes later, is reported as
-  // any unclaimed one. Returns the final state.
-  Wait unclaim(uint64_t token);
+  // any unclaimed one. Returns the final state; for kArrived also the frame's request id and sender.
+  Wait unclaim(uint64_t token, uint64_t* request_id, PeerId* from);
   // Every claimed expectation stops being expected (the endpoint is closing).
   void close();
 
@@ -67,7 +68,11 @@ class ExpectedFrames {
   std::unordered_map<std::string, uint64_t> by_metadata_;
   std::unordered_map<uint64_t, Expectation> by_token_;
   std::unordered_set<uint64_t> claimed_;  // tokens a thread waits for
-  std::unordered_set<uint64_t> arrived_;  // of those, the ones a frame took
+  struct Arrival {
+    uint64_t request_id;
+    PeerId from;
+  };
+  std::unordered_map<uint64_t, Arrival> arrived_;  // of those, the ones a frame took
   bool closed_ = false;
 };
 

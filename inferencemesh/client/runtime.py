@@ -190,7 +190,7 @@ class MeshRuntime:
                     sleep_s, spin_s = min(deadline - now, RESULT_WAIT_SLICE_S), 0.0
             if spin_s > 0:
                 self.result_spins += 1
-            outcome = endpoint.await_frame(token, sleep_s, spin_s)
+            outcome, _, _ = endpoint.await_frame(token, sleep_s, spin_s)
             now = time.monotonic()
         if outcome != FrameWait.ARRIVED:
             return None

@@ -100,6 +100,7 @@ class _Prepared:
     session: ServerSession
     outgoing: _Outgoing | None
     step: QueuedStep | None = None  # set once the endpoint gave the memory of its hidden state
+    token: int | None = None  # the endpoint's expect_frame
     release: Callable[[], None] = lambda: None  # withdraws the expectation
 
     def matches(self, step: QueuedStep) -> bool:
@@ -462,6 +463,7 @@ class WorkerService:
                 functools.partial(self._foreseen_arrived, prepared),
             )
             hidden = torch.frombuffer(memory, dtype=dtype).view(shape)
+            prepared.token = token
             prepared.release = functools.partial(self.endpoint.forget_frame, token)
         except (ValueError, MemoryError) as exc:  # no memory, or another session sends the same bytes
             log.debug("next step of session %s comes decoded in full: %s", session.label, exc)
@@ -469,18 +471,19 @@ class WorkerService:
         message = Message(MessageKind.STEP, 0, expected, [hidden], step.message.flags)
         prepared.step = QueuedStep(0, position, hidden, expected["chain"], message)
         session.prepared = prepared
-        self._expect_next_step(session)
+        self._expect_next_step(session, prepared.token)
 
-    def _expect_next_step(self, session: ServerSession) -> None:
+    def _expect_next_step(self, session: ServerSession, frame: int | None) -> None:
         """Has the endpoint busy-poll for the session's next step around when its steps before
         foretell it (the median gap between their starts, +- busy_poll_s), if this worker serves no
         other session: a step that lands on a running thread skips a wake-up across CPUs (see
-        Endpoint.expect_message)."""
+        Endpoint.expect_message). ``frame``: the step's expect_frame, which the wait then takes
+        natively, starting the step without the events' way through Python."""
         if self.busy_poll_s <= 0:
             return
         due = session.decode_starts.next_due()
         if due is not None and self.scheduler.serves_alone(session.cache):
-            self.endpoint.expect_message(due, self.busy_poll_s)  # loop time is time.monotonic()
+            self.endpoint.expect_message(due, self.busy_poll_s, frame)  # loop time is time.monotonic()
 
     def _encode_outgoing(
         self, session: ServerSession, step_id: int, metadata: dict[str, Any], position: int, rows: int

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import enum
+import functools
 import inspect
 import ipaddress
 import itertools
@@ -252,19 +253,20 @@ class Endpoint:
             raise
         return token, buffer
 
-    def await_frame(self, token: int, sleep_s: float, spin_s: float) -> FrameWait:
-        """Waits on the calling thread, which must not be the loop's (the GIL is released), for the
-        frame of an expect_frame, reading the socket itself meanwhile: sleeps up to ``sleep_s``,
-        then busy-polls up to ``spin_s``; every other message that comes goes to the loop's thread
-        as usual. ARRIVED: the frame came, its tensor is in place, and ``on_arrival`` does not run.
-        A thread that waits so for its own message (a client's step result) has it with no
-        wake-up and no hand-off from the loop's thread: ~160 us less of a step's way on the VM of
-        docs/benchmarks.md. The loop's thread still wakes for the datagrams and finds them read
-        (taking the socket from it costs more on the step's way than that: traced)."""
-        outcome = FrameWait(self._native.await_expected(token, sleep_s, spin_s))
+    def await_frame(self, token: int, sleep_s: float, spin_s: float) -> tuple[FrameWait, int, bytes]:
+        """Waits for the frame of an expect_frame on the calling thread (the GIL is released),
+        reading the socket itself meanwhile: sleeps up to ``sleep_s``, then busy-polls up to
+        ``spin_s``. Returns (outcome, request id, sender) with the last two for ARRIVED only: the
+        frame came, its tensor is in place, and ``on_arrival`` does not run. TIMED_OUT also when
+        other messages came meanwhile: their events wait for the loop's thread (:meth:`_on_events`),
+        and the caller may wait again. A thread that waits so for its own message (a client's step
+        result) has it with no wake-up and no hand-off from the loop's thread: ~110 us less of a
+        step's way on the VM of docs/benchmarks.md. The loop's thread, if asleep, still wakes for
+        the datagrams and finds them read (taking the socket from it cost more: traced)."""
+        outcome, request_id, sender = self._native.await_expected(token, sleep_s, spin_s)
         if outcome == FrameWait.ARRIVED:
             self._arrivals.pop(token, None)
-        return outcome
+        return FrameWait(outcome), request_id, sender
 
     def forget_frame(self, token: int) -> None:
         """Withdraws an expect_frame. One that a message already took still reports its arrival (the
@@ -279,10 +281,12 @@ class Endpoint:
         if self._config.loop_reads_socket:
             self._native.receive_on_consumer_thread(not busy)
 
-    def expect_message(self, at: float, window: float) -> None:
+    def expect_message(self, at: float, window: float, frame: int | None = None) -> None:
         """Busy-polls the socket from ``at - window`` to ``at + window`` (loop time, seconds), or
         until a message arrives, for a message expected then: a session's next decode step, whose
-        arrival its steps before foretell. A message that lands on a running thread skips the wake-up
+        arrival its steps before foretell. With ``frame``, the token of an expect_frame, that frame
+        is taken as it arrives (:meth:`await_frame`) and its ``on_arrival`` runs straight away,
+        without the events' way through Python. A message that lands on a running thread skips the wake-up
         of a sleeping one, ~60 us per message across the vCPUs of the VM in docs/benchmarks.md, where
         a lone session's step crosses four of them. The loop's thread is held meanwhile (up to
         ``2 * window`` plus ~1.5 ms asleep in ppoll), so callers expect only while nothing else needs
@@ -295,7 +299,8 @@ class Endpoint:
             self._expectation = None
             return
         start, end = at - window, at + window
-        self._expectation = self._loop.call_at(start - _TIMER_SLACK_S, self._await_expected, start, end)
+        wait = self._await_expected if frame is None else functools.partial(self._await_frame, frame)
+        self._expectation = self._loop.call_at(start - _TIMER_SLACK_S, wait, start, end)
 
     def _await_expected(self, start: float, end: float) -> None:
         self._expectation = None
@@ -308,6 +313,28 @@ class Endpoint:
             events = self._native.receive()
             self._handle_events(events)
             if any(event[0] != _SENT for event in events):  # a message came, not only ACKs
+                self.busy_polls_caught += 1
+                return
+            now = self._loop.time()
+
+    def _await_frame(self, token: int, start: float, end: float) -> None:
+        self._expectation = None
+        now = self._loop.time()
+        on_arrival = self._arrivals.get(token)
+        if now >= end or on_arrival is None:  # held up past the window, or no longer expected
+            return
+        self.busy_polls += 1
+        while now < end and not self._closed:
+            outcome, request_id, sender = self.await_frame(token, start - now, end - max(start, now))
+            if outcome == FrameWait.ARRIVED:
+                self.busy_polls_caught += 1
+                _call_arrival(on_arrival, sender, request_id)
+                return
+            if outcome == FrameWait.NOT_EXPECTED:
+                return
+            events = self._native.poll()  # what came meanwhile
+            self._handle_events(events)
+            if any(event[0] != _SENT for event in events):  # another message: it ends the wait
                 self.busy_polls_caught += 1
                 return
             now = self._loop.time()
@@ -337,12 +364,8 @@ class Endpoint:
 
     def _arrived(self, token: int, peer_id: bytes, request_id: int) -> None:
         on_arrival = self._arrivals.pop(token, None)
-        if on_arrival is None:  # closed meanwhile
-            return
-        try:
-            on_arrival(peer_id, request_id)
-        except Exception:
-            log.exception("the arrival of an expected frame from peer %s failed", peer_id.hex()[:12])
+        if on_arrival is not None:  # else closed meanwhile
+            _call_arrival(on_arrival, peer_id, request_id)
 
     def _dispatch(self, incoming: int, peer_id: bytes, buffer: Any, expects_response: bool) -> None:
         handler = self._handler
@@ -477,6 +500,13 @@ def _report_failure(
             on_failure(future.exception())  # type: ignore[arg-type]
 
     return done
+
+
+def _call_arrival(on_arrival: Arrival, peer_id: bytes, request_id: int) -> None:
+    try:
+        on_arrival(peer_id, request_id)
+    except Exception:
+        log.exception("the arrival of an expected frame from peer %s failed", peer_id.hex()[:12])
 
 
 def _is_numeric(host: str) -> bool:

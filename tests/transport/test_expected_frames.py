@@ -4,6 +4,9 @@ by the native side as it arrives, its tensor copied out, and reported to its own
 from __future__ import annotations
 
 import asyncio
+import inspect
+import os
+import threading
 import time
 from typing import Any
 
@@ -142,44 +145,58 @@ def test_a_thread_waiting_for_an_expected_frame_reads_it_itself() -> None:
         address = ("127.0.0.1", b.port)
         waits: dict[str, FrameWait] = {}
 
-        async def wait_while(sending: list[Any], sleep_s: float, spin_s: float) -> FrameWait:
-            waiting = loop.run_in_executor(None, b.await_frame, token, sleep_s, spin_s)
+        def wait(sleep_s: float, spin_s: float) -> tuple[FrameWait, int, bytes]:
+            """As a caller does: waits again while other messages end a wait early."""
+            deadline = time.monotonic() + sleep_s + spin_s
+            outcome = b.await_frame(token, sleep_s, spin_s)
+            while outcome[0] == FrameWait.TIMED_OUT and time.monotonic() < deadline:
+                left = deadline - time.monotonic()
+                outcome = b.await_frame(token, max(0.0, left - spin_s), min(spin_s, left))
+            return outcome
+
+        async def wait_while(
+            sending: list[Any], sleep_s: float, spin_s: float, arrives: int = 0
+        ) -> FrameWait:
+            waiting = loop.run_in_executor(None, wait, sleep_s, spin_s)
             for frame in sending:
                 await asyncio.sleep(0.05)
                 a.send_or_report(b.peer_id, address, frame, pytest.fail)
-            return await waiting
+            outcome, request_id, sender = await waiting
+            if outcome == FrameWait.ARRIVED:
+                assert (request_id, sender) == (arrives, a.peer_id)
+            return outcome
 
         token, into = expect(b, arrivals)
         waits["nothing came"] = await wait_while([], 0.05, 0.01)
         # Sleeping: another message first (to the handler), then the frame.
         tensor = torch.randn(SHAPE)
-        waits["asleep"] = await wait_while([message(4, tensor), message(7, tensor)], 5.0, 0.0)
+        waits["asleep"] = await wait_while([message(4, tensor), message(7, tensor)], 5.0, 0.0, arrives=7)
         assert torch.equal(into, tensor)
         await until(lambda: handled)
         # Busy-polling.
         token, into = expect(b, arrivals)
         tensor = torch.randn(SHAPE)
-        waits["spinning"] = await wait_while([message(8, tensor)], 0.0, 5.0)
+        waits["spinning"] = await wait_while([message(8, tensor)], 0.0, 5.0, arrives=8)
         assert torch.equal(into, tensor)
         assert handled == [4] and not arrivals  # the loop's thread saw the other message only
         # Taken before anyone waited: on_arrival ran, and the waiter learns at once.
         token, _ = expect(b, arrivals)
         a.send_or_report(b.peer_id, address, message(9, tensor), pytest.fail)
         await until(lambda: arrivals)
-        waits["taken before"] = b.await_frame(token, 5.0, 0.0)
+        waits["taken before"] = b.await_frame(token, 5.0, 0.0)[0]
         # Withdrawn, or the endpoint closed, while a thread waits: the wait ends.
         token, _ = expect(b, arrivals)
         waiting = loop.run_in_executor(None, b.await_frame, token, 5.0, 0.0)
         await asyncio.sleep(0.05)
         started = time.monotonic()
         b.forget_frame(token)
-        waits["forgotten"] = await waiting
+        waits["forgotten"] = (await waiting)[0]
         assert time.monotonic() - started < 1.0
         token, _ = expect(b, arrivals)
         waiting = loop.run_in_executor(None, b.await_frame, token, 5.0, 0.0)
         await asyncio.sleep(0.05)
         await b.close()
-        waits["closed"] = await waiting
+        waits["closed"] = (await waiting)[0]
         await a.close()
         assert arrivals == [(a.peer_id, 9)]
         assert waits == {
@@ -192,3 +209,40 @@ def test_a_thread_waiting_for_an_expected_frame_reads_it_itself() -> None:
         }
 
     run(scenario())
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="busy-polling needs two CPUs")
+def test_a_busy_poll_for_an_expected_frame_takes_it_and_runs_its_callback_at_once() -> None:
+    async def scenario() -> tuple[list[tuple[int, bool]], tuple[int, int]]:
+        a = await Endpoint.start(new_key(), "127.0.0.1", 0)
+        b = await Endpoint.start(new_key(), "127.0.0.1", 0)
+        handled: list[int] = []
+        b.set_handler(lambda peer_id, buffer: handled.append(_core.decode_frame(buffer).request_id))
+        a.send_or_report(b.peer_id, ("127.0.0.1", b.port), message(1, torch.randn(SHAPE)), pytest.fail)
+        await until(lambda: handled)  # connected
+        arrivals: list[tuple[int, bool]] = []  # (request id, taken while busy-polling)
+
+        def arrived(peer_id: bytes, request_id: int) -> None:
+            polling = any(frame.function == "_await_frame" for frame in inspect.stack())
+            arrivals.append((request_id, polling))
+
+        token, _ = b.expect_frame(
+            KIND, FLAGS, pack_metadata(METADATA), (5, 10), dtype_code(torch.float32), SHAPE, arrived
+        )
+        b.expect_message(asyncio.get_running_loop().time() + 0.1, 0.05, token)
+        # The loop's thread busy-polls from 50 to 150 ms: another thread sends meanwhile.
+        sender = threading.Timer(
+            0.1,
+            a.send_or_report,
+            (b.peer_id, ("127.0.0.1", b.port), message(6, torch.randn(SHAPE)), pytest.fail),
+        )
+        sender.start()
+        await until(lambda: arrivals)
+        sender.join()
+        counts = (b.busy_polls, b.busy_polls_caught)
+        await a.close()
+        await b.close()
+        assert handled == [1]
+        return arrivals, counts
+
+    assert run(scenario()) == ([(6, True)], (1, 1))
