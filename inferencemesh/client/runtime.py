@@ -155,15 +155,21 @@ class MeshRuntime:
     def await_result(
         self, step_id: int, result: concurrent.futures.Future[Message], timeout: float
     ) -> Message | None:
-        """On the thread that sent step ``step_id``: its result, taken as it arrives by this thread,
-        which reads the socket meanwhile (Endpoint.await_frame), so that no wake-up and no Python on
-        the loop's thread stand between the result and its user. While it is the one step in flight,
-        results come at a steady pace, and the thread busy-polls around when this one is due (one
-        median gap after the last, +- busy_poll_s) instead of sleeping. None when the result is not
-        expected that way, or ``result`` is done (an error), or nothing came within ``timeout``: the
-        caller then looks at ``result``."""
+        """On the thread that sent step ``step_id``, the one step in flight: its result, taken as it
+        arrives by this thread, which reads the socket meanwhile (Endpoint.await_frame), so that no
+        wake-up and no Python on the loop's thread stand between the result and its user. Results
+        then come at a steady pace, and the thread busy-polls around when this one is due (one
+        median gap after the last, +- busy_poll_s) instead of sleeping. None when other steps are in
+        flight, or the result is not expected that way, or ``result`` is done (an error), or nothing
+        came within ``timeout``: the caller then waits on ``result``."""
         entry = self._expected_results.get(step_id)
         endpoint = self.endpoint
+        # Besides this step, one may be registered: the next, encoded ahead (RemoteSession.encode_next).
+        # More are other steps in flight (other threads' sessions): their threads would all wake for
+        # every datagram, so they wait on their futures, and the loop's thread reads.
+        if len(self._steps) > 2:
+            self._results.reset()  # no steady pace to foretell
+            return None
         if entry is None or endpoint is None:
             return None
         token, message = entry
@@ -171,13 +177,8 @@ class MeshRuntime:
         deadline = now + timeout
         spin_from = spin_until = deadline  # no spin
         due = self._results.next_due()
-        # Besides this step, one may be registered: the next, encoded ahead (RemoteSession.encode_next).
-        # More are other steps in flight (a batch, other threads' sessions): no steady pace to foretell.
-        alone = len(self._steps) <= 2
-        if due is not None and alone and self._busy_poll_s > 0 and endpoint.may_busy_poll:
+        if due is not None and self._busy_poll_s > 0 and endpoint.may_busy_poll:
             spin_from, spin_until = due - self._busy_poll_s, min(deadline, due + self._busy_poll_s)
-        if not alone:
-            self._results.reset()
         outcome = FrameWait.TIMED_OUT
         while outcome == FrameWait.TIMED_OUT and not result.done() and now < deadline:
             # In slices: a failure that does not withdraw the expectation (a send that failed) sets
@@ -196,8 +197,7 @@ class MeshRuntime:
             return None
         self._expected_results.pop(step_id, None)
         self.results_matched += 1
-        if alone:
-            self._results.note(now)
+        self._results.note(now)
         return message
 
     def forget_step(self, step_id: int) -> None:
