@@ -57,7 +57,7 @@ from inferencemesh.protocol.messages import (
     kind_name,
     step_result_metadata,
 )
-from inferencemesh.server.scheduler import Burst, ComputeScheduler
+from inferencemesh.server.scheduler import Burst, ComputeScheduler, Done
 from inferencemesh.server.sessions import QueuedStep, ServerSession, SessionRegistry
 from inferencemesh.transport.endpoint import Endpoint
 from inferencemesh.transport.errors import TransportError
@@ -102,13 +102,15 @@ class _Prepared:
     step: QueuedStep | None = None  # set once the endpoint gave the memory of its hidden state
     token: int | None = None  # the endpoint's expect_frame
     release: Callable[[], None] = lambda: None  # withdraws the expectation
+    # What _start takes for the foreseen step, made with it: its outcome's handler and output buffer.
+    done: Done | None = None
+    out: torch.Tensor | None = None
 
     def matches(self, step: QueuedStep) -> bool:
         """Whether ``step`` is the one foreseen (it may also have come decoded in full)."""
         foreseen = self.step
         return foreseen is not None and (
-            step is foreseen
-            or (step.hidden.shape[0] == 1 and step.message.metadata == foreseen.message.metadata)
+            step is foreseen or (step.rows == 1 and step.message.metadata == foreseen.message.metadata)
         )
 
 
@@ -293,13 +295,19 @@ class WorkerService:
             and not session.pending
             and session.gap_timer is None
             and not self.draining
-            and step.position == session.cache.length < session.cache.max_length
+            and step.position == session.cache.length  # below max_length: _prepare_next checked
         )
         if not startable:
             self._step(sender, step.message)
             return
+        # Its turn: the session is idle with nothing queued. What _run works out was made ahead.
+        session.prepared = None  # nothing to withdraw: the endpoint took it
+        self.prepared_steps += 1
+        if prepared.outgoing is not None:
+            prepared.outgoing.renumber(step_id)
+        assert prepared.done is not None
         try:
-            self._run(session, step)  # its turn: the session is idle with nothing queued
+            self._start(session, step, prepared.done, prepared.out)
         except Exception as exc:
             self._step_failed(sender, session.client, step_id, exc)
 
@@ -347,21 +355,26 @@ class WorkerService:
 
     def _run(self, session: ServerSession, step: QueuedStep) -> None:
         """Computes a step whose turn has come: the session's next, and none of its steps computing."""
+        outgoing = self._outgoing(session, step)
+        done = functools.partial(self._computed, session, step, outgoing)
+        self._start(session, step, done, self._output_buffer(step, outgoing))
+
+    def _start(
+        self,
+        session: ServerSession,
+        step: QueuedStep,
+        done: Done,
+        out: torch.Tensor | None,
+    ) -> None:
+        """Submits a step whose turn has come, ``done`` taking its outcome, ``out`` its output's buffer."""
         session.last_step = step.step_id
-        if step.hidden.shape[0] == 1:
+        if step.rows == 1:
             session.decode_starts.note(time.monotonic())
         else:
             session.decode_starts.reset()
-        outgoing = self._outgoing(session, step)
         session.running = True
         try:
-            self.scheduler.submit(
-                session.cache,
-                step.hidden,
-                functools.partial(self._computed, session, step, outgoing),
-                step.burst,
-                self._output_buffer(step, outgoing),
-            )
+            self.scheduler.submit(session.cache, step.hidden, done, step.burst, out)
         except RuntimeError as exc:  # the compute loop stopped: the worker is shutting down
             session.running = False
             self._report(step.message.metadata["client"], step.step_id, ShuttingDown(str(exc)))
@@ -407,7 +420,7 @@ class WorkerService:
             failure = WorkerError(f"internal error: {error!r}")
             self._report(step.message.metadata["client"], step.step_id, failure)
         else:
-            if step.hidden.shape[0] == 1:
+            if step.rows == 1:
                 self.step_times.append((step.step_id, session.cache.last_decode_s))
             if outgoing is not None and _predictable(step):
                 asyncio.get_running_loop().call_later(PREPARE_AFTER_S, self._prepare_next, session, step)
@@ -422,14 +435,13 @@ class WorkerService:
             if prepared.outgoing is not None:
                 prepared.outgoing.renumber(step.step_id)
             return prepared.outgoing
-        rows = step.hidden.shape[0]
-        return self._encode_outgoing(session, step.step_id, step.message.metadata, step.position, rows)
+        return self._encode_outgoing(session, step.step_id, step.message.metadata, step.position, step.rows)
 
     def _output_buffer(self, step: QueuedStep, outgoing: _Outgoing | None) -> torch.Tensor | None:
         """Where a decode step's forward may write its output: the outgoing message's buffer, when it
         is in the span's memory (the CPU). Copying the output there after the forward cost ~50 us of
         every hop, all of it cold (traced, docs/benchmarks.md)."""
-        if outgoing is None or step.hidden.shape[0] != 1 or self.span.device.type != "cpu":
+        if outgoing is None or step.rows != 1 or self.span.device.type != "cpu":
             return None
         return outgoing.buffer
 
@@ -444,7 +456,9 @@ class WorkerService:
         while the next hop wakes up, which the kernel often schedules on the same CPU."""
         if session.cache.freed or session.last_step != step.step_id or session.pending or session.running:
             return
-        position = step.position + step.hidden.shape[0]
+        position = step.position + step.rows
+        if position >= session.cache.max_length:
+            return  # a step there is refused (LengthExceeded) the usual way
         expected = dict(step.message.metadata, position=position)
         # The step id is not known yet (the client numbers steps across its sessions): _outgoing sets
         # it when the step arrives.
@@ -469,7 +483,9 @@ class WorkerService:
             log.debug("next step of session %s comes decoded in full: %s", session.label, exc)
             hidden = torch.empty(shape, dtype=dtype)  # only matches() looks at it then
         message = Message(MessageKind.STEP, 0, expected, [hidden], step.message.flags)
-        prepared.step = QueuedStep(0, position, hidden, expected["chain"], message)
+        foreseen = prepared.step = QueuedStep(0, position, hidden, expected["chain"], message)
+        prepared.done = functools.partial(self._computed, session, foreseen, outgoing)
+        prepared.out = self._output_buffer(foreseen, outgoing)
         session.prepared = prepared
         self._expect_next_step(session, prepared.token)
 

@@ -42,6 +42,11 @@ class QueuedStep:
     chain: list[list[Any]] = field(compare=False)  # the hops after this worker
     message: Message = field(compare=False)
     burst: Burst | None = field(compare=False, default=None)  # the steps of other sessions it came with
+    # hidden.shape[0], kept: a torch call costs a few us of a step's way with the caches cold.
+    rows: int = field(compare=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.rows = self.hidden.shape[0]
 
 
 @dataclass
