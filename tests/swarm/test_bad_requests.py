@@ -357,3 +357,26 @@ def test_a_foreseen_step_is_checked_like_any_other(
     request(runtime, first_worker, MessageKind.CLOSE_SESSION, {"session_id": session_id, "token": token})
     with pytest.raises(UnknownSession):
         foreseen(4, hidden[3:4])
+
+
+def test_a_foreseen_step_that_finds_its_session_busy_waits_its_turn(
+    runtime: MeshRuntime, first_worker: ProviderEntry, client: DistributedModelForCausalLM
+) -> None:
+    """The endpoint takes a foreseen step as it arrives; if its session has moved on meanwhile (here a
+    later step came first and waits for it), the step takes the way of any step instead of starting."""
+    torch.manual_seed(7)
+    hidden = torch.randn(4, HIDDEN)
+    session_id, token = open_session(runtime, first_worker, client.model_id)
+    expected = one_shot(runtime, first_worker, client.model_id, hidden)
+    before = request(runtime, first_worker, MessageKind.PING, {}).metadata
+    outputs = [step(runtime, first_worker, session_id, token, 0, hidden[:2])]
+    time.sleep(0.05)  # the worker foresees the step at position 2 meanwhile
+    # Position 3 (a later step id) arrives first and waits; then the foreseen one, at 2.
+    later, foreseen = send_steps(
+        runtime, first_worker, session_id, token, [(1, 3, hidden[3:4]), (0, 2, hidden[2:3])]
+    )
+    outputs += [foreseen, later]
+    torch.testing.assert_close(torch.cat(outputs), expected, rtol=1e-3, atol=1e-3)
+    after = request(runtime, first_worker, MessageKind.PING, {}).metadata
+    assert after["foreseen_steps"] - before["foreseen_steps"] == 1  # taken by the endpoint ...
+    assert after["prepared_steps"] - before["prepared_steps"] == 1  # ... and sent in its message
