@@ -43,6 +43,15 @@ def message(
     return encode_message(KIND, request_id, metadata, [tensor], flags=flags)
 
 
+async def peers() -> tuple[Endpoint, Endpoint, list[int]]:
+    """Two endpoints; the second's handler keeps the request ids of the frames it gets."""
+    a = await Endpoint.start(new_key(), "127.0.0.1", 0)
+    b = await Endpoint.start(new_key(), "127.0.0.1", 0)
+    handled: list[int] = []
+    b.set_handler(lambda peer_id, buffer: handled.append(_core.decode_frame(buffer).request_id))
+    return a, b, handled
+
+
 async def until(condition: Any) -> None:
     deadline = time.monotonic() + 5
     while not condition() and time.monotonic() < deadline:
@@ -51,11 +60,8 @@ async def until(condition: Any) -> None:
 
 def test_the_expected_frame_arrives_copied_and_every_other_frame_as_usual() -> None:
     async def scenario() -> None:
-        a = await Endpoint.start(new_key(), "127.0.0.1", 0)
-        b = await Endpoint.start(new_key(), "127.0.0.1", 0)
-        handled: list[int] = []  # request ids of the frames the handler got
+        a, b, handled = await peers()  # handled: request ids of the frames the handler got
         arrivals: list[tuple[bytes, int]] = []
-        b.set_handler(lambda peer_id, buffer: handled.append(_core.decode_frame(buffer).request_id))
         _, into = expect(b, arrivals)
         tensor = torch.randn(SHAPE)
         near_misses = [
@@ -87,11 +93,8 @@ def test_the_expected_frame_arrives_copied_and_every_other_frame_as_usual() -> N
 
 def test_a_forgotten_expectation_lets_its_frame_through_and_one_metadata_is_expected_once() -> None:
     async def scenario() -> None:
-        a = await Endpoint.start(new_key(), "127.0.0.1", 0)
-        b = await Endpoint.start(new_key(), "127.0.0.1", 0)
-        handled: list[int] = []
+        a, b, handled = await peers()
         arrivals: list[tuple[bytes, int]] = []
-        b.set_handler(lambda peer_id, buffer: handled.append(_core.decode_frame(buffer).request_id))
         token, _ = expect(b, arrivals)
         with pytest.raises(ValueError, match="already expected"):
             expect(b, arrivals)
@@ -136,11 +139,8 @@ def test_a_thread_waiting_for_an_expected_frame_reads_it_itself() -> None:
     frame with no callback on the loop's thread; other messages still reach the handler."""
 
     async def scenario() -> None:
-        a = await Endpoint.start(new_key(), "127.0.0.1", 0)
-        b = await Endpoint.start(new_key(), "127.0.0.1", 0)
-        handled: list[int] = []
+        a, b, handled = await peers()
         arrivals: list[tuple[bytes, int]] = []
-        b.set_handler(lambda peer_id, buffer: handled.append(_core.decode_frame(buffer).request_id))
         loop = asyncio.get_running_loop()
         address = ("127.0.0.1", b.port)
         waits: dict[str, FrameWait] = {}
@@ -214,10 +214,7 @@ def test_a_thread_waiting_for_an_expected_frame_reads_it_itself() -> None:
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="busy-polling needs two CPUs")
 def test_a_busy_poll_for_an_expected_frame_takes_it_and_runs_its_callback_at_once() -> None:
     async def scenario() -> tuple[list[tuple[int, bool]], tuple[int, int]]:
-        a = await Endpoint.start(new_key(), "127.0.0.1", 0)
-        b = await Endpoint.start(new_key(), "127.0.0.1", 0)
-        handled: list[int] = []
-        b.set_handler(lambda peer_id, buffer: handled.append(_core.decode_frame(buffer).request_id))
+        a, b, handled = await peers()
         a.send_or_report(b.peer_id, ("127.0.0.1", b.port), message(1, torch.randn(SHAPE)), pytest.fail)
         await until(lambda: handled)  # connected
         arrivals: list[tuple[int, bool]] = []  # (request id, taken while busy-polling)
