@@ -67,7 +67,7 @@ class _Gathering:
     since: float = 0.0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Job:
     cache: SessionCache
     hidden: torch.Tensor  # [tokens, hidden_size]
@@ -154,11 +154,13 @@ class ComputeScheduler:
         done: Done,
         burst: Burst | None = None,
         out: torch.Tensor | None = None,
+        rows: int | None = None,
     ) -> None:
         """Runs ``hidden`` [tokens, hidden_size] through the span, continuing ``cache``; event loop only.
         ``burst``: the decode step is one of a burst, to be batched with the rest of it. ``out``: for a
         decode, a tensor like ``hidden`` the output goes to if the step runs in a batch of its own
-        (see Span.decode; ``done`` then gets ``out`` itself), else it gets a view of the batch's output."""
+        (see Span.decode; ``done`` then gets ``out`` itself), else it gets a view of the batch's output.
+        ``rows``: ``hidden.shape[0]``, if the caller knows it (a torch call costs a few us, cold)."""
         if self._stopping:
             raise RuntimeError("the compute loop has stopped")
         job = _Job(cache, hidden, done, burst, out)
@@ -168,8 +170,14 @@ class ComputeScheduler:
         # Its weakref is kept across steps; an id of a freed cache may have come back for a new one.
         ref = known[0] if known is not None and known[0]() is cache else weakref.ref(cache)
         self._recent[key] = (ref, now)
-        if hidden.shape[0] == 1:
+        tokens = hidden.shape[0] if rows is None else rows
+        if tokens == 1:
             job.arrived = self._last_arrival = now
+            if burst is None and self._pending_flush is None and not self._arrived and not others_active:
+                # A lone session: no other step could join its batch, so it runs now, without the
+                # flush's reckoning (~20 us of every step, cold).
+                self._run_batch([job])
+                return
             self._arrived.append(job)
             if burst is not None:
                 gathering = self._bursts.setdefault(burst, _Gathering())
@@ -178,18 +186,10 @@ class ComputeScheduler:
                 if gathering.count == burst.size:  # its last step: run the burst now
                     self._flush()
                     return
-            if self._pending_flush is not None:
-                return
-            if len(self._arrived) == 1 and not others_active and burst is None:
-                # A lone session: no other step could join its batch, so it runs now, without the
-                # flush's reckoning (~20 us of every step, cold).
-                self._arrived.clear()
-                self._run_batch([job])
-                return
-            # Wait for the rest of this loop turn at least: other sessions' decodes may join the batch.
-            self._flush_later()
+            if self._pending_flush is None:
+                # Wait for the rest of this loop turn at least: other sessions' decodes may join.
+                self._flush_later()
             return
-        tokens = hidden.shape[0]
         if self._start_inline(tokens * self._prefill_token_s):
             try:
                 output, error = self._prefill(job, tokens)

@@ -374,7 +374,7 @@ class WorkerService:
             session.decode_starts.reset()
         session.running = True
         try:
-            self.scheduler.submit(session.cache, step.hidden, done, step.burst, out)
+            self.scheduler.submit(session.cache, step.hidden, done, step.burst, out, step.rows)
         except RuntimeError as exc:  # the compute loop stopped: the worker is shutting down
             session.running = False
             self._report(step.message.metadata["client"], step.step_id, ShuttingDown(str(exc)))
