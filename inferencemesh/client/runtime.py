@@ -5,7 +5,8 @@ loop owned by a background thread, and :meth:`MeshRuntime.call` runs a coroutine
 its result. Step results and error reports arrive as one-way messages from the workers; the runtime
 hands each to the future of the step it names. Step futures are ``concurrent.futures`` ones: the
 thread that sent a step waits on its future directly, so a step's round trip needs no coroutine and
-no hand-off to or from the loop's thread (see RemoteSession.begin_step).
+no hand-off to the loop's thread (see RemoteSession.begin_step). The one step in flight needs none
+back either: its thread reads the socket for its result itself (MeshRuntime.await_result).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """When the next of a regular series of messages is due: a session's decode steps at a worker, their
-results at the client. Endpoint.expect_message busy-polls around that time."""
+results at the client. Endpoint.expect_message (worker) and MeshRuntime.await_result (client)
+busy-poll around that time."""
 
 from __future__ import annotations
 
