@@ -12,7 +12,7 @@ ways: (mesh decode step - one-process engine decode step) / 3 workers, and, step
 time in the swarm - the three workers' forwards of that very step) / 3 (workers report each decode
 step's forward time when a PING asks for ``step_times``), the latter both for the steps side by
 side and for one session decoding on its own, back to back as ``generate`` does (a lone session's
-next step and result are busy-polled for when their pace is steady: Endpoint.expect_message), and
+next step and result are busy-polled for when their pace is steady), and
 aggregate decode tokens/s with 1, 4 and 16 concurrent sessions, stepped two ways: by one client's
 ``generate_batch`` (each round sends every session's step at once) and by one thread per session
 (independent users of one client).
@@ -20,6 +20,8 @@ aggregate decode tokens/s with 1, 4 and 16 concurrent sessions, stepped two ways
     python bench/bench_mesh.py [--decode-tokens 64] [--sessions 1 4 16] [--plot docs/bench-mesh.png]
         [--device cpu|cuda] [--model-path DIR] [--busy-poll-us 300]
     # DIR: a SmolLM2-135M-shaped model (tools/random_smollm2.py)
+    python bench/bench_mesh.py --alone-rounds 2 --decode-tokens 80
+    # only the per-hop overhead of one session decoding on its own, that many rounds (A/B runs)
 """
 
 from __future__ import annotations
@@ -267,6 +269,12 @@ def main() -> None:
         help="a SmolLM2-135M-shaped model directory (default: the prepared SmolLM2-135M-Instruct)",
     )
     parser.add_argument(
+        "--alone-rounds",
+        type=int,
+        default=0,
+        help="measure only the per-hop overhead of one session decoding on its own, this many times",
+    )
+    parser.add_argument(
         "--busy-poll-us",
         type=float,
         default=300.0,
@@ -294,6 +302,12 @@ def main() -> None:
             )
             prompt_ids = client.encode_prompt(PROMPT, chat=True)
             print(f"prompt: {len(prompt_ids)} tokens; decode: {args.decode_tokens} tokens")
+            if args.alone_rounds:
+                for _ in range(args.alone_rounds):
+                    hops = hops_generating_alone(client, swarm, prompt_ids, args.decode_tokens)
+                    print_hops(hops, "one session decoding on its own")
+                client.close()
+                return
             from transformers import AutoModelForCausalLM
 
             reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -354,16 +354,11 @@ void bind_quic(py::module_& m) {
             x.max_request_id = max_request_id;
             x.dtype = dtype;
             x.shape = shape;
-            uint64_t nbytes = dtype_itemsize(dtype);
-            for (int64_t d : shape) nbytes *= d > 0 ? static_cast<uint64_t>(d) : 0;
-            x.into = e.endpoint().pool().acquire(nbytes);
-            std::shared_ptr<Buffer> into = x.into;
             try {
-              e.endpoint().expect(token, std::move(x));
+              return e.endpoint().expect(token, std::move(x));
             } catch (const std::invalid_argument& error) {
               throw py::value_error(error.what());
             }
-            return into;
           },
           py::arg("token"), py::arg("kind"), py::arg("flags"), py::arg("metadata"), py::arg("min_request_id"),
           py::arg("max_request_id"), py::arg("dtype"), py::arg("shape"),

@@ -579,17 +579,11 @@ void Endpoint::receive() {
   const uint64_t started = now_ns();
   std::unique_lock<std::mutex> engine(engine_);
   for (;;) {
-    t_engine = this;
-    consumer_read_at_ = now_ns();
-    const uint64_t emitted = events_emitted_;
     const uint64_t sent = tx_.datagrams_sent();
-    const size_t received = read_socket(consumer_read_at_);
-    // A connection that delivered a message holds its ACK for the reply (kAckHold): this writes only
-    // what cannot wait (e.g. more data after an ACK opened the window) and re-arms the timer.
-    turn();
-    t_engine = nullptr;
+    bool events = false;
+    const size_t received = read_round(&events);
     const bool bulk = received >= kBulkDatagrams || tx_.datagrams_sent() - sent >= kBulkDatagrams;
-    if (!bulk || events_emitted_ != emitted || now_ns() - started >= kBulkReceiveNs) return;
+    if (!bulk || events || now_ns() - started >= kBulkReceiveNs) return;
     // A bulk transfer, either way, and nothing for the caller yet: wait for its next packets here.
     engine.unlock();
     // Spin a little before sleeping: a sleeping reader costs each of the sender's sendmsg calls a
@@ -615,20 +609,34 @@ ExpectedFrames::Wait Endpoint::await_expected(uint64_t token, uint64_t sleep_ns,
   return expected_.unclaim(token, request_id, from);
 }
 
+size_t Endpoint::read_round(bool* events) {
+  t_engine = this;
+  consumer_read_at_ = now_ns();
+  const uint64_t emitted = events_emitted_;
+  const size_t received = read_socket(consumer_read_at_);
+  // A connection that delivered a message holds its ACK for the reply (kAckHold): this writes only
+  // what cannot wait (e.g. more data after an ACK opened the window) and re-arms the timer.
+  turn();
+  t_engine = nullptr;
+  *events = events_emitted_ != emitted;
+  return received;
+}
+
 bool Endpoint::read_here() {
-  bool events;
+  bool events = false;
   {
     std::lock_guard<std::mutex> engine(engine_);
-    t_engine = this;
-    const uint64_t emitted = events_emitted_;
-    consumer_read_at_ = now_ns();
-    read_socket(consumer_read_at_);
-    turn();
-    t_engine = nullptr;
-    events = events_emitted_ != emitted;
+    read_round(&events);
   }
   sink_->flush();
   return events;
+}
+
+std::shared_ptr<Buffer> Endpoint::expect(uint64_t token, Expectation expectation) {
+  expectation.into = pool_->acquire(ExpectedFrames::tensor_bytes(expectation.dtype, expectation.shape));
+  std::shared_ptr<Buffer> into = expectation.into;
+  expected_.add(token, std::move(expectation));
+  return into;
 }
 
 bool Endpoint::await_datagram(uint64_t sleep_ns, uint64_t spin_ns) const {

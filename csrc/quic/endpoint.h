@@ -95,9 +95,10 @@ class Endpoint final : public ConnectionHost {
   bool await_datagram(uint64_t sleep_ns, uint64_t spin_ns) const;
 
   // A frame the consumer expects (see expected_frames.h): when one completes it is reported as a
-  // kExpected event instead of kIncoming, its tensor already copied into `expectation.into`, and the
-  // stream it came on is finished as finish() would. forget_expected: false when a frame took it.
-  void expect(uint64_t token, Expectation expectation) { expected_.add(token, std::move(expectation)); }
+  // kExpected event instead of kIncoming, its tensor already copied into the returned buffer (from
+  // the pool; `expectation.into` is set here), and the stream it came on is finished as finish()
+  // would. Throws as ExpectedFrames::add, or PoolExhausted. forget_expected: false when a frame took it.
+  std::shared_ptr<Buffer> expect(uint64_t token, Expectation expectation);
   bool forget_expected(uint64_t token) { return expected_.forget(token); }
   // Waits on the calling thread (any but the I/O thread) for an expected frame, reading the socket
   // itself meanwhile: sleeps in ppoll for up to sleep_ns, then busy-polls for up to spin_ns, handling
@@ -144,7 +145,10 @@ class Endpoint final : public ConnectionHost {
   void turn();  // one round of engine work; the caller holds engine_
   void run_commands();
   size_t read_socket(uint64_t now);  // returns the datagrams read
-  bool read_here();  // reads the socket on this thread as receive() does, flushes the sink; true: events
+  // One round of reading the socket and the engine work it calls for; the caller holds engine_.
+  // Returns the datagrams read; *events: whether it emitted any.
+  size_t read_round(bool* events);
+  bool read_here();  // a read_round on this thread, then the sink flushed; true: events were emitted
   bool sleep_for_datagram(uint64_t ns) const;  // ppoll: true once a datagram is waiting
   bool spin_for_datagram(uint64_t ns) const;   // busy-polls: true once a datagram is waiting
   void on_datagram(const Address& from, const uint8_t* data, size_t len, uint64_t now);

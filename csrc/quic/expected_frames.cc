@@ -6,14 +6,19 @@
 
 namespace im::quic {
 
+uint64_t ExpectedFrames::tensor_bytes(uint8_t dtype, const std::vector<int64_t>& shape) {
+  if (shape.empty() || shape.size() > kMaxDims) return 0;
+  uint64_t bytes = dtype_itemsize(dtype);
+  for (int64_t d : shape) bytes *= static_cast<uint64_t>(std::max<int64_t>(d, 0));
+  return bytes;
+}
+
 void ExpectedFrames::add(uint64_t token, Expectation expectation) {
-  uint64_t elements = 1;
-  for (int64_t d : expectation.shape) elements *= static_cast<uint64_t>(std::max<int64_t>(d, 0));
-  const size_t itemsize = dtype_itemsize(expectation.dtype);
-  if (itemsize == 0 || expectation.shape.empty() || expectation.shape.size() > kMaxDims) {
-    throw std::invalid_argument("an expected tensor needs a known dtype and 1 to 8 dimensions");
+  const uint64_t bytes = tensor_bytes(expectation.dtype, expectation.shape);
+  if (bytes == 0) {
+    throw std::invalid_argument("an expected tensor needs a known dtype, 1 to 8 dimensions and elements");
   }
-  if (!expectation.into || expectation.into->size() != elements * itemsize) {
+  if (!expectation.into || expectation.into->size() != bytes) {
     throw std::invalid_argument("the destination must be exactly the expected tensor's size");
   }
   std::lock_guard<std::mutex> lock(mutex_);

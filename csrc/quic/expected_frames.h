@@ -36,8 +36,12 @@ class ExpectedFrames {
  public:
   static constexpr size_t kMaxExpected = 1 << 16;
 
-  // Registers `expectation` under `token`. Throws std::invalid_argument when another expectation has
-  // the same metadata or `into` is not the tensor's size, std::length_error past kMaxExpected.
+  // Bytes of a tensor of dtype code `dtype` and `shape`; 0 for an unknown dtype or a shape of no or
+  // more than kMaxDims dimensions.
+  static uint64_t tensor_bytes(uint8_t dtype, const std::vector<int64_t>& shape);
+  // Registers `expectation` under `token`. Throws std::invalid_argument for a tensor tensor_bytes
+  // refuses, an `into` that is not the tensor's size, or another expectation with the same token or
+  // metadata; std::length_error past kMaxExpected.
   void add(uint64_t token, Expectation expectation);
   // Drops the expectation: true if it was waiting, false if a frame took it (its event is on the way)
   // or the token is unknown.

@@ -286,8 +286,8 @@ class Endpoint:
         until a message arrives, for a message expected then: a session's next decode step, whose
         arrival its steps before foretell. With ``frame``, the token of an expect_frame, that frame
         is taken as it arrives (:meth:`await_frame`) and its ``on_arrival`` runs straight away,
-        without the events' way through Python. A message that lands on a running thread skips the wake-up
-        of a sleeping one, ~60 us per message across the vCPUs of the VM in docs/benchmarks.md, where
+        without the events' way through Python. A message that lands on a running thread skips the
+        wake-up of a sleeping one, ~60 us per message across the vCPUs of the VM in docs/benchmarks.md, where
         a lone session's step crosses four of them. The loop's thread is held meanwhile (up to
         ``2 * window`` plus ~1.5 ms asleep in ppoll), so callers expect only while nothing else needs
         it: one session, steps far apart. One expectation at a time: a new one replaces the last.
@@ -310,10 +310,7 @@ class Endpoint:
         while now < end and not self._closed:
             if not self._native.await_datagram(start - now, end - max(start, now)):
                 return
-            events = self._native.receive()
-            self._handle_events(events)
-            if any(event[0] != _SENT for event in events):  # a message came, not only ACKs
-                self.busy_polls_caught += 1
+            if self._message_came(self._native.receive()):
                 return
             now = self._loop.time()
 
@@ -332,12 +329,17 @@ class Endpoint:
                 return
             if outcome == FrameWait.NOT_EXPECTED:
                 return
-            events = self._native.poll()  # what came meanwhile
-            self._handle_events(events)
-            if any(event[0] != _SENT for event in events):  # another message: it ends the wait
-                self.busy_polls_caught += 1
+            if self._message_came(self._native.poll()):  # another message ends the wait too
                 return
             now = self._loop.time()
+
+    def _message_came(self, events: list[tuple[Any, ...]]) -> bool:
+        """Handles the events a busy-poll read; whether a message came (not only ACKs), which ends it."""
+        self._handle_events(events)
+        if any(event[0] != _SENT for event in events):
+            self.busy_polls_caught += 1
+            return True
+        return False
 
     def _on_datagrams(self) -> None:
         self._handle_events(self._native.receive())

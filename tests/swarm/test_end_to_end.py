@@ -275,6 +275,7 @@ def test_a_session_dropped_without_close_frees_its_workers_caches_and_its_pendin
         time.sleep(0.05)
     assert [ping(client, hop, {})["sessions"] for hop in route] == [0, 0, 0]  # not after 300 s
     assert not client.runtime._steps
+    assert not client.runtime._expected_results  # nor the expected result of its step encoded ahead
 
 
 def test_workers_report_each_decode_steps_forward_time_and_the_swarm_adds_the_rest(
