@@ -18,7 +18,7 @@ aggregate decode tokens/s with 1, 4 and 16 concurrent sessions, stepped two ways
 (independent users of one client).
 
     python bench/bench_mesh.py [--decode-tokens 64] [--sessions 1 4 16] [--plot docs/bench-mesh.png]
-        [--device cpu|cuda] [--model-path DIR] [--busy-poll-us 300]
+        [--device cpu|cuda] [--model-path DIR] [--busy-poll-us 1000]
     # DIR: a SmolLM2-135M-shaped model (tools/random_smollm2.py)
     python bench/bench_mesh.py --alone-rounds 2 --decode-tokens 80
     # only the per-hop overhead of one session decoding on its own, that many rounds (A/B runs)
@@ -277,7 +277,7 @@ def main() -> None:
     parser.add_argument(
         "--busy-poll-us",
         type=float,
-        default=300.0,
+        default=1000.0,
         help="the workers' busy_poll_us and the client's busy_poll_s, in us (0: never busy-poll)",
     )
     args = parser.parse_args()

@@ -3,6 +3,7 @@
 #include <gnutls/crypto.h>
 #include <ngtcp2/ngtcp2_crypto.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/timerfd.h>
@@ -603,7 +604,7 @@ ExpectedFrames::Wait Endpoint::await_expected(uint64_t token, uint64_t sleep_ns,
   for (uint64_t now = now_ns(); now < until && expected_.state(token) == ExpectedFrames::Wait::kExpected;
        now = now_ns()) {
     const bool ready =
-        now < spin_from ? sleep_for_datagram(std::min(spin_from - now, kAwaitSliceNs)) : socket_.has_datagram();
+        now < spin_from ? sleep_for_datagram(std::min(spin_from - now, kAwaitSliceNs)) : datagram_after_yield();
     if (ready && read_here()) break;  // others' events: the caller handles them first
   }
   return expected_.unclaim(token, request_id, from);
@@ -652,9 +653,14 @@ bool Endpoint::sleep_for_datagram(uint64_t ns) const {
 bool Endpoint::spin_for_datagram(uint64_t ns) const {
   const uint64_t until = now_ns() + ns;
   do {
-    if (socket_.has_datagram()) return true;
+    if (datagram_after_yield()) return true;
   } while (now_ns() < until);
   return false;
+}
+
+bool Endpoint::datagram_after_yield() const {
+  sched_yield();  // returns at once when no other thread on this CPU is ready to run
+  return socket_.has_datagram();
 }
 
 void Endpoint::reap(uint64_t now) {

@@ -151,6 +151,11 @@ class Endpoint final : public ConnectionHost {
   bool read_here();  // a read_round on this thread, then the sink flushed; true: events were emitted
   bool sleep_for_datagram(uint64_t ns) const;  // ppoll: true once a datagram is waiting
   bool spin_for_datagram(uint64_t ns) const;   // busy-polls: true once a datagram is waiting
+  // One look of a busy-poll: whether a datagram is waiting, after letting any other thread that wants
+  // this CPU run first, so that a spin only takes time that nobody else wants. Without the yield, on
+  // the 2-vCPU VM of docs/benchmarks.md, spinners took turns with the forwards whose output they
+  // waited for: a lone session's steps came less regularly and a wider window caught fewer of them.
+  bool datagram_after_yield() const;
   void on_datagram(const Address& from, const uint8_t* data, size_t len, uint64_t now);
   void handle_timeouts(uint64_t now);
   void write_all(uint64_t now);

@@ -43,7 +43,7 @@ T = TypeVar("T")
 CLIENT_DEAD_PEER_TIMEOUT_S = 0.25
 # While one step at a time is in flight, the thread waiting for its result busy-polls the socket this
 # long either side of when the result is due (see MeshRuntime.await_result); 0: never.
-RESULT_BUSY_POLL_S = 0.0003
+RESULT_BUSY_POLL_S = 0.001
 # A thread waiting for its step's result (MeshRuntime.await_result) looks at the step's future this
 # often, for failures that reach only the future (a send that failed).
 RESULT_WAIT_SLICE_S = 0.005

@@ -49,7 +49,7 @@ class WorkerConfig:
         "is idle (no thread hand-off); 0: always on the compute thread",
     )
     busy_poll_us: float = setting(
-        300.0,
+        1000.0,
         "while serving a single session, busy-poll the socket this long either side of when its next "
         "decode step is due (a step landing on a running thread skips a wake-up); 0: never",
     )
