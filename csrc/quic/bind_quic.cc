@@ -99,15 +99,16 @@ std::optional<Address> to_address(const std::optional<std::string>& host, uint16
 
 // A frame object as segments plus its owner: a _core.EncodedFrame (zero-copy over its tensors) or any
 // contiguous bytes-like object holding one complete frame (zero-copy over the exporter's memory).
-// Either way the header must parse and declare exactly the size handed in.
-OutFrame to_out_frame(const py::object& obj) {
+// Either way the header must parse and declare exactly the size handed in. `encoded`: the
+// EncodedFrame, if it is one, for the caller to mark handed to the transport when it sends it.
+OutFrame to_out_frame(const py::object& obj, std::shared_ptr<PyEncodedFrame>* encoded) {
   OutFrame out;
   if (py::isinstance<PyEncodedFrame>(obj)) {
     auto frame = obj.cast<std::shared_ptr<PyEncodedFrame>>();
-    frame->handed_to_transport = true;
     out.segments = frame->frame.segments();
     out.size = frame->frame.size();
     out.keepalive = frame;
+    *encoded = std::move(frame);
   } else {
     auto* view = new Py_buffer;
     if (PyObject_GetBuffer(obj.ptr(), view, PyBUF_C_CONTIGUOUS) != 0) {
@@ -135,6 +136,8 @@ OutFrame to_out_frame(const py::object& obj) {
   return out;
 }
 
+class PyPreparedSend;
+
 class PyEndpoint {
  public:
   PyEndpoint(const py::bytes& seed, const std::string& host, uint16_t port, const quic::Config& config,
@@ -159,7 +162,7 @@ class PyEndpoint {
 
   void submit(bool request, uint64_t token, const py::bytes& peer, const std::optional<std::string>& host,
               uint16_t port, const py::object& frame, double timeout_s) {
-    OutFrame out = checked_frame(frame);
+    OutFrame out = handed_frame(frame);
     const PeerId id = to_peer_id(peer);
     const std::optional<Address> address = to_address(host, port);
     bool ok;
@@ -172,8 +175,12 @@ class PyEndpoint {
     if (!ok) throw std::runtime_error("the endpoint is closed");
   }
 
+  std::unique_ptr<PyPreparedSend> prepare_send(uint64_t token, const py::bytes& peer,
+                                               const std::optional<std::string>& host, uint16_t port,
+                                               const py::object& frame);
+
   void respond(uint64_t incoming, const py::object& frame) {
-    OutFrame out = checked_frame(frame);
+    OutFrame out = handed_frame(frame);
     bool ok;
     {
       py::gil_scoped_release nogil;
@@ -216,13 +223,21 @@ class PyEndpoint {
   }
 
   Endpoint& endpoint() { return *endpoint_; }
-  static OutFrame checked_frame(const py::object& frame) {
+  // The frame as segments (FrameError if it is not one), and its EncodedFrame if it is one.
+  static OutFrame checked_frame(const py::object& frame, std::shared_ptr<PyEncodedFrame>* encoded) {
     try {
-      return to_out_frame(frame);
+      return to_out_frame(frame, encoded);
     } catch (const FrameError& e) {
       PyErr_SetString(g_frame_error, e.what());
       throw py::error_already_set();
     }
+  }
+  // The frame as segments, handed over now: its request id can no longer be rewritten.
+  static OutFrame handed_frame(const py::object& frame) {
+    std::shared_ptr<PyEncodedFrame> encoded;
+    OutFrame out = checked_frame(frame, &encoded);
+    if (encoded) encoded->handed_to_transport = true;
+    return out;
   }
   int fd() const { return sink_->fd(); }
 
@@ -230,6 +245,50 @@ class PyEndpoint {
   std::shared_ptr<PySink> sink_;
   std::unique_ptr<Endpoint> endpoint_;
 };
+
+// A one-way send made ready ahead (Endpoint.prepare_send): the frame's segments, the peer id and its
+// parsed address were converted when it was made, so that handing the frame over costs one call
+// without arguments. Until then the frame's request id may still be rewritten (set_request_id).
+class PyPreparedSend {
+ public:
+  PyPreparedSend(Endpoint& endpoint, uint64_t token, const PeerId& peer, std::optional<Address> address,
+                 OutFrame frame, std::shared_ptr<PyEncodedFrame> encoded)
+      : endpoint_(endpoint),
+        token_(token),
+        peer_(peer),
+        address_(std::move(address)),
+        frame_(std::move(frame)),
+        encoded_(std::move(encoded)) {}
+
+  uint64_t token() const noexcept { return token_; }
+
+  // False: the endpoint is closed and nothing was sent. Once only.
+  bool send() {
+    if (sent_) throw std::logic_error("this prepared send was sent already");
+    sent_ = true;
+    if (encoded_) encoded_->handed_to_transport = true;
+    py::gil_scoped_release nogil;  // a frame the endpoint refused stays in frame_, dropped with the GIL
+    return endpoint_.send(token_, peer_, address_, frame_);
+  }
+
+ private:
+  Endpoint& endpoint_;  // the Python endpoint object is kept alive as long as this one (keep_alive)
+  uint64_t token_;
+  PeerId peer_;
+  std::optional<Address> address_;
+  OutFrame frame_;
+  std::shared_ptr<PyEncodedFrame> encoded_;
+  bool sent_ = false;
+};
+
+std::unique_ptr<PyPreparedSend> PyEndpoint::prepare_send(uint64_t token, const py::bytes& peer,
+                                                         const std::optional<std::string>& host, uint16_t port,
+                                                         const py::object& frame) {
+  std::shared_ptr<PyEncodedFrame> encoded;
+  OutFrame out = checked_frame(frame, &encoded);
+  return std::make_unique<PyPreparedSend>(*endpoint_, token, to_peer_id(peer), to_address(host, port), std::move(out),
+                                          std::move(encoded));
+}
 
 py::dict peer_stats_dict(const quic::PeerStats& s) {
   py::dict d;
@@ -290,6 +349,11 @@ void bind_quic(py::module_& m) {
       .def_readwrite("gso", &quic::Config::gso)
       .def_readwrite("gro", &quic::Config::gro);
 
+  py::class_<PyPreparedSend>(q, "PreparedSend", "A one-way send made ready by Endpoint.prepare_send.")
+      .def_property_readonly("token", &PyPreparedSend::token)
+      .def("send", &PyPreparedSend::send,
+           "Hands the frame over, as Endpoint.send would; False if the endpoint is closed. Once only.");
+
   py::class_<PyEndpoint>(q, "Endpoint",
                          "Native endpoint. Events arrive through poll() when event_fd is readable.")
       .def(py::init<const py::bytes&, const std::string&, uint16_t, const quic::Config&, std::shared_ptr<BufferPool>>(),
@@ -335,6 +399,9 @@ void bind_quic(py::module_& m) {
           [](PyEndpoint& e, uint64_t token, const py::bytes& peer, const std::optional<std::string>& host,
              uint16_t port, const py::object& frame) { e.submit(false, token, peer, host, port, frame, 0); },
           py::arg("token"), py::arg("peer_id"), py::arg("host"), py::arg("port"), py::arg("frame"))
+      .def("prepare_send", &PyEndpoint::prepare_send, py::arg("token"), py::arg("peer_id"), py::arg("host"),
+           py::arg("port"), py::arg("frame"), py::keep_alive<0, 1>(),
+           "A send of the frame to the peer, made ready for PreparedSend.send() to hand over later.")
       .def("respond", &PyEndpoint::respond, py::arg("incoming"), py::arg("frame"))
       .def("reject", [](PyEndpoint& e, uint64_t incoming, uint64_t code) { e.endpoint().reject(incoming, code); },
            py::arg("incoming"), py::arg("code"), py::call_guard<py::gil_scoped_release>())

@@ -18,7 +18,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,7 +131,7 @@ class _EncodedAhead:
     hops: list[OpenHop]  # the route it was encoded for (the session's hops list, by identity)
     step_id: int
     result: concurrent.futures.Future[Any]
-    frame: Any
+    send: Callable[[], None]  # its send to the first hop, made ready (Endpoint.prepare_send)
     buffer: torch.Tensor  # [1, hidden_size]
 
     def fits(self, hidden: torch.Tensor, position: int, hops: list[OpenHop]) -> bool:
@@ -306,12 +306,13 @@ class RemoteSession:
         # Its result: the last position's hidden state (last_only), one row.
         result_metadata = step_result_metadata(self.session_id, position + 1)
         self.runtime.expect_result(step_id, result_metadata, buffer.dtype, tuple(buffer.shape))
-        self._ahead = _EncodedAhead(position, self.hops, step_id, result, frame, buffer)
+        send = self._prepare_first(frame, result)
+        self._ahead = _EncodedAhead(position, self.hops, step_id, result, send, buffer)
 
     def _send_ahead(self, ahead: _EncodedAhead, hidden: torch.Tensor) -> PendingStep:
         started = time.perf_counter()
         ahead.buffer.copy_(hidden)
-        self._send_first(ahead.frame, ahead.result)
+        ahead.send()
         self.steps_encoded_ahead += 1
         return PendingStep(hidden, [ahead.step_id], ahead.result, started)
 
@@ -368,13 +369,14 @@ class RemoteSession:
         """Hands a STEP to QUIC for the first hop. A failed send fails the step's ``result``; one that
         flow control holds up forever ends in a failover like a result that never comes (the wait
         probes the hops)."""
+        self._prepare_first(frame, result)()
+
+    def _prepare_first(self, frame: Any, result: concurrent.futures.Future[Any]) -> Callable[[], None]:
+        """:meth:`_send_first` made ready, to be called once (Endpoint.prepare_send)."""
         assert self.runtime.endpoint is not None
         first = self.hops[0]
         fail = functools.partial(_fail, result)
-        try:
-            self.runtime.endpoint.send_or_report(first.peer_id, first.address, frame, fail)
-        except TransportError as exc:
-            fail(exc)
+        return self.runtime.endpoint.prepare_send(first.peer_id, first.address, frame, fail)
 
     def _output(self, pending: PendingStep, message: Any) -> torch.Tensor:
         self.last_chain_s = time.perf_counter() - pending.started

@@ -74,6 +74,7 @@ class _Job:
     done: Done
     burst: Burst | None = None
     out: torch.Tensor | None = None  # where a decode that runs alone writes its output
+    written: Callable[[], None] | None = None  # called once it did, before anything else
     arrived: float = 0.0  # time.perf_counter() when a decode was submitted
     done_tokens: int = 0
     outputs: list[torch.Tensor] = field(default_factory=list)
@@ -155,15 +156,19 @@ class ComputeScheduler:
         burst: Burst | None = None,
         out: torch.Tensor | None = None,
         rows: int | None = None,
+        written: Callable[[], None] | None = None,
     ) -> None:
         """Runs ``hidden`` [tokens, hidden_size] through the span, continuing ``cache``; event loop only.
         ``burst``: the decode step is one of a burst, to be batched with the rest of it. ``out``: for a
         decode, a tensor like ``hidden`` the output goes to if the step runs in a batch of its own
         (see Span.decode; ``done`` then gets ``out`` itself), else it gets a view of the batch's output.
-        ``rows``: ``hidden.shape[0]``, if the caller knows it (a torch call costs a few us, cold)."""
+        ``rows``: ``hidden.shape[0]``, if the caller knows it (a torch call costs a few us, cold).
+        ``written``: called (on the computing thread) as soon as a forward wrote its output into
+        ``out``, before the scheduler's bookkeeping and ``done``: a worker sends the output on from
+        there. Never called if the step ran in a batch with others, or failed."""
         if self._stopping:
             raise RuntimeError("the compute loop has stopped")
-        job = _Job(cache, hidden, done, burst, out)
+        job = _Job(cache, hidden, done, burst, out, written)
         key, now = id(cache), time.perf_counter()
         others_active = self._others_active(key, now)
         known = self._recent.get(key)
@@ -389,16 +394,22 @@ class ComputeScheduler:
     # ------------------------------------------------------------------ the span (either thread)
     def _decode(self, batch: list[_Job]) -> tuple[torch.Tensor | None, BaseException | None]:
         started = time.perf_counter()
+        lone = batch[0] if len(batch) == 1 else None
         try:
-            if len(batch) > 1:
+            if lone is None:
                 output = self.span.decode(
                     torch.cat([job.hidden for job in batch]), [job.cache for job in batch]
                 )
             else:
-                output = self.span.decode(batch[0].hidden, [batch[0].cache], batch[0].out)
+                output = self.span.decode(lone.hidden, [lone.cache], lone.out)
         except Exception as exc:
             return None, exc
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started  # the forward's own time: what PING's step_times report
+        if lone is not None and lone.written is not None and lone.out is not None:
+            try:
+                lone.written()
+            except Exception as exc:  # the step fails as a whole (reported as an internal error)
+                return None, exc
         self._decode_row_s = _ema(self._decode_row_s, elapsed / len(batch))
         self._decode_batch_s = _ema(self._decode_batch_s, elapsed)
         self.stats.decode_seconds += elapsed

@@ -21,7 +21,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -84,6 +84,15 @@ class _Outgoing:
     address: str | None  # the next hop's 'host:port'; None: the result, over the client's connection
     frame: Any
     buffer: torch.Tensor  # [rows, hidden_size] host memory the output is copied into
+    hand_over: Callable[[], None] = field(init=False)  # the frame's send, made ready (prepare_send)
+    sent: bool = False
+
+    def send(self) -> None:
+        """Hands the message to QUIC, once: right after the forward wrote ``buffer`` (see
+        WorkerService._start), or when the step's outcome is handled."""
+        if not self.sent:
+            self.sent = True
+            self.hand_over()
 
     def renumber(self, step_id: int) -> None:
         """Makes it the message of step ``step_id`` (it was encoded before that step arrived)."""
@@ -307,7 +316,7 @@ class WorkerService:
             prepared.outgoing.renumber(step_id)
         assert prepared.done is not None
         try:
-            self._start(session, step, prepared.done, prepared.out)
+            self._start(session, step, prepared.done, prepared.out, prepared.outgoing)
         except Exception as exc:
             self._step_failed(sender, session.client, step_id, exc)
 
@@ -357,7 +366,7 @@ class WorkerService:
         """Computes a step whose turn has come: the session's next, and none of its steps computing."""
         outgoing = self._outgoing(session, step)
         done = functools.partial(self._computed, session, step, outgoing)
-        self._start(session, step, done, self._output_buffer(step, outgoing))
+        self._start(session, step, done, self._output_buffer(step, outgoing), outgoing)
 
     def _start(
         self,
@@ -365,8 +374,11 @@ class WorkerService:
         step: QueuedStep,
         done: Done,
         out: torch.Tensor | None,
+        outgoing: _Outgoing | None,
     ) -> None:
-        """Submits a step whose turn has come, ``done`` taking its outcome, ``out`` its output's buffer."""
+        """Submits a step whose turn has come, ``done`` taking its outcome, ``out`` its output's buffer:
+        ``outgoing``'s, which is then sent as soon as the forward wrote it, before the bookkeeping
+        that follows a forward and ``done`` (~20 us of the hop, cold)."""
         session.last_step = step.step_id
         if step.rows == 1:
             session.decode_starts.note(time.monotonic())
@@ -374,7 +386,8 @@ class WorkerService:
             session.decode_starts.reset()
         session.running = True
         try:
-            self.scheduler.submit(session.cache, step.hidden, done, step.burst, out, step.rows)
+            written = None if out is None or outgoing is None else outgoing.send
+            self.scheduler.submit(session.cache, step.hidden, done, step.burst, out, step.rows, written)
         except RuntimeError as exc:  # the compute loop stopped: the worker is shutting down
             session.running = False
             self._report(step.message.metadata["client"], step.step_id, ShuttingDown(str(exc)))
@@ -411,7 +424,7 @@ class WorkerService:
                     rows = outgoing.buffer.shape[0]  # all of the output's rows, or the last (last_only)
                     # Into host memory, if on a GPU; slicing only when needed saves a cold torch call.
                     outgoing.buffer.copy_(output if output.shape[0] == rows else output[-rows:])
-                self._send_outgoing(outgoing)
+                outgoing.send()
         except Exception as exc:
             error = exc
         if error is not None:
@@ -518,16 +531,19 @@ class WorkerService:
             buffer = self._host_buffer(1 if metadata.get("last_only") else rows)
             reply = step_result_metadata(session.session_id, position + rows)
             frame = encode_message(MessageKind.STEP_RESULT, step_id, reply, [buffer])
-            return _Outgoing(client, step_id, client, None, frame, buffer)
+            return self._prepare_send(_Outgoing(client, step_id, client, None, frame, buffer))
         next_peer, next_address, next_token = chain[0]
         buffer = self._host_buffer(rows)
         forwarded = dict(metadata, token=next_token, chain=chain[1:])
         frame = encode_message(MessageKind.STEP, step_id, forwarded, [buffer])
-        return _Outgoing(client, step_id, next_peer, next_address, frame, buffer)
+        return self._prepare_send(_Outgoing(client, step_id, next_peer, next_address, frame, buffer))
 
-    def _send_outgoing(self, outgoing: _Outgoing) -> None:
+    def _prepare_send(self, outgoing: _Outgoing) -> _Outgoing:
+        """Makes the outgoing message's send ready, while the caches are warm (before the forward)."""
         address = None if outgoing.address is None else _address(outgoing.address)
-        self._send(outgoing.peer, address, outgoing.frame, functools.partial(self._not_sent, outgoing))
+        on_failure = functools.partial(self._not_sent, outgoing)
+        outgoing.hand_over = self.endpoint.prepare_send(outgoing.peer, address, outgoing.frame, on_failure)
+        return outgoing
 
     def _not_sent(self, outgoing: _Outgoing, exc: BaseException) -> None:
         if outgoing.address is None:

@@ -55,6 +55,7 @@ async def compute(
     hidden: torch.Tensor,
     burst: Burst | None = None,
     out: torch.Tensor | None = None,
+    written: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     done: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
 
@@ -64,7 +65,7 @@ async def compute(
         else:
             done.set_result(output)
 
-    sched.submit(cache, hidden, settle, burst, out)
+    sched.submit(cache, hidden, settle, burst, out, written=written)
     return await done
 
 
@@ -177,15 +178,23 @@ def test_a_decode_alone_writes_into_its_output_tensor_and_one_in_a_batch_gets_it
     prompts = [torch.randn(3, HIDDEN), torch.randn(4, HIDDEN)]
     steps = torch.randn(2, HIDDEN)
     outs = [torch.full((1, HIDDEN), float("nan")) for _ in steps]
+    # When ``written`` runs (a worker sends the output from there): whether the output was in place.
+    written: list[tuple[int, bool]] = []
 
     async def run() -> list[torch.Tensor]:
         sched = scheduler(span)
         sessions = [caches.allocate(i, 32) for i in range(2)]
         for cache, prompt in zip(sessions, prompts, strict=True):
             await compute(sched, cache, prompt)
-        alone = await compute(sched, sessions[0], steps[0:1], out=outs[0])
+        alone = await compute(
+            sched,
+            sessions[0],
+            steps[0:1],
+            out=outs[0],
+            written=lambda: written.append((0, not outs[0].isnan().any())),
+        )
         together = await asyncio.gather(
-            compute(sched, sessions[1], steps[1:2], out=outs[1]),
+            compute(sched, sessions[1], steps[1:2], out=outs[1], written=lambda: written.append((1, True))),
             compute(sched, sessions[0], steps[0:1]),  # makes it a batch of two
         )
         sched.stop()
@@ -194,6 +203,7 @@ def test_a_decode_alone_writes_into_its_output_tensor_and_one_in_a_batch_gets_it
 
     alone, batched = asyncio.run(run())
     assert alone is outs[0]  # computed into it, no copy
+    assert written == [(0, True)]  # once the output was in place; not for a step computed in a batch
     assert batched is not outs[1] and outs[1].isnan().all()  # a batch's rows stay in its output
     reference = caches.allocate("reference", 32)
     span.prefill(prompts[0], reference)

@@ -492,6 +492,39 @@ def test_send_or_report_hands_frames_over_and_calls_back_only_on_failure() -> No
     assert [type(error) for error in failures] == [PeerUnreachable, EndpointClosed]
 
 
+def test_a_prepared_send_goes_once_with_the_request_id_given_after_it_was_prepared() -> None:
+    async def scenario() -> tuple[list[tuple[int, int]], list[BaseException]]:
+        a, b = await pair()
+        received: list[tuple[int, int]] = []
+        failures: list[BaseException] = []
+
+        def handler(peer_id: bytes, buffer: _core.Buffer) -> None:
+            received.append((_core.decode_frame(buffer).request_id, metadata_of(buffer)["n"]))
+
+        b.set_handler(handler)
+        frames = [frame(ECHO, {"n": n}) for n in range(3)]
+        sends = [a.prepare_send(b.peer_id, ("127.0.0.1", b.port), f, failures.append) for f in frames]
+        for n, (f, send) in enumerate(zip(frames, sends, strict=True)):
+            f.set_request_id(100 + n)  # known only now, as a worker's step id is
+        await asyncio.get_running_loop().run_in_executor(None, sends[1])  # from another thread too
+        sends[0]()
+        with pytest.raises(RuntimeError, match="sent already"):
+            sends[0]()
+        with pytest.raises(ValueError, match="handed to the transport"):
+            frames[0].set_request_id(7)
+        deadline = time.monotonic() + 5
+        while len(received) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await a.close()
+        sends[2]()  # after the close: reported, not raised
+        await b.close()
+        return received, failures
+
+    received, failures = run(scenario())
+    assert sorted(received) == [(100, 0), (101, 1)]  # the third was never sent; the first went once
+    assert [type(error) for error in failures] == [EndpointClosed]
+
+
 def test_a_failing_failure_callback_does_not_keep_other_sends_from_reporting() -> None:
     async def scenario() -> list[int]:
         a, b = await pair()
