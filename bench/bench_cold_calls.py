@@ -30,7 +30,7 @@ from inferencemesh.protocol.frames import (
     encode_message,
 )
 from inferencemesh.protocol.messages import MessageKind
-from inferencemesh.transport.endpoint import _FailureReport
+from inferencemesh.transport.endpoint import FrameWait, _FailureReport
 
 HIDDEN = 576
 
@@ -55,6 +55,7 @@ def calls() -> dict[str, Callable[[], Any]]:
     packed = frame.metadata
     into = torch.empty(1, HIDDEN)
     row = torch.randn(1, HIDDEN)
+    waits = tuple(FrameWait)
 
     def future_and_callback() -> None:
         concurrent.futures.Future().add_done_callback(print)
@@ -70,6 +71,8 @@ def calls() -> dict[str, Callable[[], Any]]:
         "torch.from_dlpack of the hidden state": lambda: torch.from_dlpack(frame.dlpack(0)),
         "copy_ of a 576-float row": lambda: into.copy_(row),
         "encode_message (STEP)": lambda: encode_message(MessageKind.STEP, 7, {"position": 1}, [row]),
+        "FrameWait(0) (an enum's call)": lambda: FrameWait(0),
+        "an enum member by index in a tuple": lambda: waits[0],
     }
 
 
