@@ -40,8 +40,16 @@ def small_frame(kind: int, metadata: dict) -> _core.EncodedFrame:
 # --- server -----------------------------------------------------------------------------------------
 
 
+def payload_config(udp_payload: int, loop_reads_socket: bool) -> TransportConfig:
+    """Packets of ``udp_payload`` bytes between the two processes (on loopback, where the endpoint would
+    otherwise use loopback_udp_payload)."""
+    return TransportConfig(
+        max_udp_payload=udp_payload, loopback_udp_payload=udp_payload, loop_reads_socket=loop_reads_socket
+    )
+
+
 async def serve(udp_payload: int, loop_reads_socket: bool) -> None:
-    config = TransportConfig(max_udp_payload=udp_payload, loop_reads_socket=loop_reads_socket)
+    config = payload_config(udp_payload, loop_reads_socket)
     endpoint = await Endpoint.start(Ed25519PrivateKey.generate().private_bytes_raw(), "127.0.0.1", 0, config)
     ack = small_frame(1, {"ok": True}).to_bytes()
 
@@ -146,7 +154,7 @@ async def run_client(args: argparse.Namespace) -> None:
         text=True,
     )
     _, quic_port, tcp_port, peer_hex = server.stdout.readline().split()
-    config = TransportConfig(max_udp_payload=args.udp_payload, loop_reads_socket=not args.io_thread_reads)
+    config = payload_config(args.udp_payload, not args.io_thread_reads)
     endpoint = await Endpoint.start(Ed25519PrivateKey.generate().private_bytes_raw(), "127.0.0.1", 0, config)
     quic = QuicClient(endpoint, bytes.fromhex(peer_hex), int(quic_port))
     reader, writer = await asyncio.open_connection("127.0.0.1", int(tcp_port))
@@ -192,7 +200,11 @@ def main() -> None:
     )
     parser.add_argument("--bulk", type=int, default=4, help="64 MiB transfers to time")
     parser.add_argument(
-        "--udp-payload", type=int, default=1452, help="max UDP payload (above 1452: trusted path)"
+        "--udp-payload",
+        type=int,
+        default=1452,
+        help="UDP payload of the packets (above 1452: a trusted path; the endpoint's default to loopback "
+        "peers is 16000, loopback_udp_payload)",
     )
     parser.add_argument("--cpp", help="path of the C++-only benchmark program to run afterwards")
     parser.add_argument(

@@ -3,7 +3,7 @@
 // CPU time per message. Both endpoints live in this process; the client issues each request from the
 // I/O thread's event callback, so no other thread sits on the path.
 //
-//   quic_bench [rtt_iterations=2000] [bulk_transfers=4] [max_udp_payload=1452]
+//   quic_bench [rtt_iterations=2000] [bulk_transfers=4] [udp_payload=1452 (to its loopback peers)]
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/resource.h>
@@ -201,7 +201,8 @@ int main(int argc, char** argv) {
   const int iters = argc > 1 ? std::atoi(argv[1]) : 2000;
   const int bulk = argc > 2 ? std::atoi(argv[2]) : 4;
   Config config;
-  if (argc > 3) config.max_udp_payload = static_cast<size_t>(std::atol(argv[3]));
+  // Its peers are on loopback: the size given is the one their packets have.
+  if (argc > 3) config.max_udp_payload = config.loopback_udp_payload = static_cast<size_t>(std::atol(argv[3]));
   auto server_sink = std::make_shared<ServerSink>();
   auto client_sink = std::make_shared<ClientSink>();
   const auto s1 = seed(1), s2 = seed(2);

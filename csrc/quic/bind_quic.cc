@@ -346,6 +346,7 @@ void bind_quic(py::module_& m) {
       .def_readwrite("pool_bytes", &quic::Config::pool_bytes)
       .def_readwrite("socket_buffer_bytes", &quic::Config::socket_buffer_bytes)
       .def_readwrite("max_udp_payload", &quic::Config::max_udp_payload)
+      .def_readwrite("loopback_udp_payload", &quic::Config::loopback_udp_payload)
       .def_readwrite("gso", &quic::Config::gso)
       .def_readwrite("gro", &quic::Config::gro);
 

@@ -166,11 +166,14 @@ ngtcp2_settings Connection::settings(uint64_t now) const {
   s.max_window = config_.connection_window;
   s.max_stream_window = config_.stream_window;
   s.handshake_timeout = seconds_to_ns(config_.handshake_timeout_s);
-  s.max_tx_udp_payload_size = config_.max_udp_payload;
-  // Above the Ethernet-safe default the caller vouches for the path (loopback, jumbo frames): send that
-  // size from the start instead of shaping to 1200 bytes until path MTU discovery catches up.
+  const size_t payload = remote_.is_loopback() && config_.loopback_udp_payload > config_.max_udp_payload
+                             ? config_.loopback_udp_payload
+                             : config_.max_udp_payload;
+  s.max_tx_udp_payload_size = payload;
+  // Above the Ethernet-safe default the path is vouched for (loopback; jumbo frames by the caller): send
+  // that size from the start instead of shaping to 1200 bytes until path MTU discovery catches up.
   s.no_tx_udp_payload_size_shaping =
-      static_cast<decltype(s.no_tx_udp_payload_size_shaping)>(config_.max_udp_payload > kSafeUdpPayload);
+      static_cast<decltype(s.no_tx_udp_payload_size_shaping)>(payload > kSafeUdpPayload);
   return s;
 }
 

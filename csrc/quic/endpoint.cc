@@ -43,6 +43,9 @@ void check_config(const Config& c) {
     bad("timeouts must be positive");
   }
   if (c.max_udp_payload < 1200 || c.max_udp_payload > 65527 - 8) bad("max_udp_payload must be 1200..65519");
+  if (c.loopback_udp_payload != 0 && (c.loopback_udp_payload < 1200 || c.loopback_udp_payload > 65527 - 8)) {
+    bad("loopback_udp_payload must be 0 or 1200..65519");
+  }
 }
 
 }  // namespace
@@ -53,7 +56,7 @@ Endpoint::Endpoint(const uint8_t* seed, size_t seed_len, const std::string& host
       sink_(std::move(sink)),
       identity_(seed, seed_len, config_.alpn),
       socket_(host, port, config_.socket_buffer_bytes, config_.gso, config_.gro),
-      tx_(socket_, config_.max_udp_payload),
+      tx_(socket_, std::max(config_.max_udp_payload, config_.loopback_udp_payload)),
       pool_(pool ? std::move(pool) : BufferPool::create(config_.pool_bytes)),
       rx_buf_(UdpSocket::kMaxBatchBytes) {
   gnutls_rnd(GNUTLS_RND_KEY, reset_secret_, sizeof reset_secret_);

@@ -62,6 +62,15 @@ Address Address::parse(const std::string& host, uint16_t port) {
   throw SocketError("not a numeric IPv4/IPv6 address: '" + host + "'");
 }
 
+bool Address::is_loopback() const {
+  if (storage.ss_family == AF_INET) {
+    return (ntohl(reinterpret_cast<const sockaddr_in*>(&storage)->sin_addr.s_addr) >> 24) == 127;
+  }
+  if (storage.ss_family != AF_INET6) return false;
+  const in6_addr& a = reinterpret_cast<const sockaddr_in6*>(&storage)->sin6_addr;
+  return IN6_IS_ADDR_LOOPBACK(&a) || (IN6_IS_ADDR_V4MAPPED(&a) && a.s6_addr[12] == 127);
+}
+
 Address to_socket_family(const Address& addr, int family) {
   if (family != AF_INET6 || addr.storage.ss_family != AF_INET) return addr;
   auto* v4 = reinterpret_cast<const sockaddr_in*>(&addr.storage);

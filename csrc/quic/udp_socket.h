@@ -25,6 +25,7 @@ struct Address {
   const sockaddr* sa() const { return reinterpret_cast<const sockaddr*>(&storage); }
   sockaddr* sa() { return reinterpret_cast<sockaddr*>(&storage); }
   std::string to_string() const;
+  bool is_loopback() const;  // 127.0.0.0/8, ::1, or IPv4 loopback mapped into IPv6
   // Parses a numeric IPv4 or IPv6 host. Throws SocketError for anything else.
   static Address parse(const std::string& host, uint16_t port);
 };

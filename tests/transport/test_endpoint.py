@@ -504,7 +504,7 @@ def test_a_prepared_send_goes_once_with_the_request_id_given_after_it_was_prepar
         b.set_handler(handler)
         frames = [frame(ECHO, {"n": n}) for n in range(3)]
         sends = [a.prepare_send(b.peer_id, ("127.0.0.1", b.port), f, failures.append) for f in frames]
-        for n, (f, send) in enumerate(zip(frames, sends, strict=True)):
+        for n, f in enumerate(frames):
             f.set_request_id(100 + n)  # known only now, as a worker's step id is
         await asyncio.get_running_loop().run_in_executor(None, sends[1])  # from another thread too
         sends[0]()
@@ -523,6 +523,35 @@ def test_a_prepared_send_goes_once_with_the_request_id_given_after_it_was_prepar
     received, failures = run(scenario())
     assert sorted(received) == [(100, 0), (101, 1)]  # the third was never sent; the first went once
     assert [type(error) for error in failures] == [EndpointClosed]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::"])  # "::": loopback as IPv4 mapped into IPv6
+@pytest.mark.parametrize(("loopback_udp_payload", "datagrams"), [(16000, 1), (0, 2)])
+def test_a_hidden_state_goes_to_a_loopback_peer_in_one_datagram(
+    host: str, loopback_udp_payload: int, datagrams: int
+) -> None:
+    config = TransportConfig(loopback_udp_payload=loopback_udp_payload)
+    hidden = torch.randn(1, 576)  # a token's hidden state in float32: 2304 bytes
+
+    async def scenario() -> tuple[int, torch.Tensor]:
+        a, b = await pair(config, config, host)
+        arrived: asyncio.Queue[_core.Buffer] = asyncio.Queue()
+        b.set_handler(lambda peer_id, buffer: arrived.put_nowait(buffer))
+        address = ("127.0.0.1", b.port)
+        await a.send(b.peer_id, address, frame(ECHO))  # connects
+        await asyncio.wait_for(arrived.get(), 5)
+        await asyncio.sleep(0.05)  # the handshake's and the first message's ACKs are done
+        before = b.stats().datagrams_received
+        await a.send(b.peer_id, address, encode_message(ECHO, 1, {}, [hidden]))
+        buffer = await asyncio.wait_for(arrived.get(), 5)
+        received = b.stats().datagrams_received - before
+        await a.close()
+        await b.close()
+        return received, decode_message(buffer).tensors[0].clone()
+
+    received, tensor = run(scenario())
+    assert received == datagrams
+    assert torch.equal(tensor, hidden)
 
 
 def test_a_failing_failure_callback_does_not_keep_other_sends_from_reporting() -> None:
