@@ -160,7 +160,8 @@ class MeshRuntime:
         arrives by this thread, which reads the socket meanwhile (Endpoint.await_frame), so that no
         wake-up and no Python on the loop's thread stand between the result and its user. Results
         then come at a steady pace, and the thread busy-polls around when this one is due (one
-        median gap after the last, +- busy_poll_s) instead of sleeping. None when other steps are in
+        median gap after the last, busy_poll_s either side or more: Cadence.next_window) instead
+        of sleeping. None when other steps are in
         flight, or the result is not expected that way, or ``result`` is done (an error), or nothing
         came within ``timeout``: the caller then waits on ``result``."""
         entry = self._expected_results.get(step_id)
@@ -177,9 +178,9 @@ class MeshRuntime:
         now = time.monotonic()
         deadline = now + timeout
         spin_from = spin_until = deadline  # no spin
-        due = self._results.next_due()
-        if due is not None and self._busy_poll_s > 0 and endpoint.may_busy_poll:
-            spin_from, spin_until = due - self._busy_poll_s, min(deadline, due + self._busy_poll_s)
+        window = self._results.next_window(self._busy_poll_s) if self._busy_poll_s > 0 else None
+        if window is not None and endpoint.may_busy_poll:
+            spin_from, spin_until = window[0], min(deadline, window[1])
         outcome = FrameWait.TIMED_OUT
         while outcome == FrameWait.TIMED_OUT and not result.done() and now < deadline:
             # In slices: a failure that does not withdraw the expectation (a send that failed) sets

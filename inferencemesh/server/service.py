@@ -504,15 +504,17 @@ class WorkerService:
 
     def _expect_next_step(self, session: ServerSession, frame: int | None) -> None:
         """Has the endpoint busy-poll for the session's next step around when its steps before
-        foretell it (the median gap between their starts, +- busy_poll_s), if this worker serves no
-        other session: a step that lands on a running thread skips a wake-up across CPUs (see
-        Endpoint.expect_message). ``frame``: the step's expect_frame, which the wait then takes
-        natively, starting the step without the events' way through Python."""
+        foretell it (one median gap between their starts after the last, busy_poll_s either side or
+        more, as far as the latest steps came from their due times: Cadence.next_window), if this
+        worker serves no other session: a step that lands on a running thread skips a wake-up
+        across CPUs (see Endpoint.expect_message). ``frame``: the step's expect_frame, which the
+        wait then takes natively, starting the step without the events' way through Python."""
         if self.busy_poll_s <= 0:
             return
-        due = session.decode_starts.next_due()
-        if due is not None and self.scheduler.serves_alone(session.cache):
-            self.endpoint.expect_message(due, self.busy_poll_s, frame)  # loop time is time.monotonic()
+        window = session.decode_starts.next_window(self.busy_poll_s)
+        if window is not None and self.scheduler.serves_alone(session.cache):
+            start, end = window  # loop time is time.monotonic()
+            self.endpoint.expect_message((start + end) / 2, (end - start) / 2, frame)
 
     def _encode_outgoing(
         self, session: ServerSession, step_id: int, metadata: dict[str, Any], position: int, rows: int
