@@ -50,8 +50,9 @@ class WorkerConfig:
     )
     busy_poll_us: float = setting(
         1000.0,
-        "while serving a single session, busy-poll the socket this long either side of when its next "
-        "decode step is due (a step landing on a running thread skips a wake-up); 0: never",
+        "while serving a single session, busy-poll the socket at least this long either side of when "
+        "its next decode step is due, up to 4x as long when its steps come less regularly (a step "
+        "landing on a running thread skips a wake-up); 0: never",
     )
     max_request_tokens: int = setting(8192, "most tokens one step or forward may carry")
     session_idle_timeout: float = setting(300.0, "seconds of inactivity after which a session is freed")
