@@ -161,9 +161,9 @@ class MeshRuntime:
         wake-up and no Python on the loop's thread stand between the result and its user. Results
         then come at a steady pace, and the thread busy-polls around when this one is due (one
         median gap after the last, busy_poll_s either side or more: Cadence.next_window) instead
-        of sleeping. None when other steps are in
-        flight, or the result is not expected that way, or ``result`` is done (an error), or nothing
-        came within ``timeout``: the caller then waits on ``result``."""
+        of sleeping. None when other steps are in flight, or the result is not expected that way,
+        or ``result`` is done (an error), or nothing came within ``timeout``: the caller then waits
+        on ``result``."""
         entry = self._expected_results.get(step_id)
         endpoint = self.endpoint
         # Besides this step, one may be registered: the next, encoded ahead (RemoteSession.encode_next).

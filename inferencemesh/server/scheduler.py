@@ -165,7 +165,8 @@ class ComputeScheduler:
         ``rows``: ``hidden.shape[0]``, if the caller knows it (a torch call costs a few us, cold).
         ``written``: called (on the computing thread) as soon as a forward wrote its output into
         ``out``, before the scheduler's bookkeeping and ``done``: a worker sends the output on from
-        there. Never called if the step ran in a batch with others, or failed."""
+        there. Called exactly when ``done`` gets ``out`` itself: never if the step ran in a batch
+        with others, or failed (also if ``written`` raised: ``done`` then gets its error)."""
         if self._stopping:
             raise RuntimeError("the compute loop has stopped")
         job = _Job(cache, hidden, done, burst, out, written)

@@ -84,15 +84,7 @@ class _Outgoing:
     address: str | None  # the next hop's 'host:port'; None: the result, over the client's connection
     frame: Any
     buffer: torch.Tensor  # [rows, hidden_size] host memory the output is copied into
-    hand_over: Callable[[], None] = field(init=False)  # the frame's send, made ready (prepare_send)
-    sent: bool = False
-
-    def send(self) -> None:
-        """Hands the message to QUIC, once: right after the forward wrote ``buffer`` (see
-        WorkerService._start), or when the step's outcome is handled."""
-        if not self.sent:
-            self.sent = True
-            self.hand_over()
+    send: Callable[[], None] = field(init=False)  # hands the frame to QUIC, once (prepare_send)
 
     def renumber(self, step_id: int) -> None:
         """Makes it the message of step ``step_id`` (it was encoded before that step arrived)."""
@@ -420,11 +412,13 @@ class WorkerService:
         try:
             if error is None and outgoing is not None:
                 assert output is not None
+                # Computed into its buffer, the output went as the forward wrote it (the scheduler
+                # calls ``written`` exactly then: see _start); else it is copied there and sent now.
                 if output is not outgoing.buffer:  # not computed into it (see _output_buffer)
                     rows = outgoing.buffer.shape[0]  # all of the output's rows, or the last (last_only)
                     # Into host memory, if on a GPU; slicing only when needed saves a cold torch call.
                     outgoing.buffer.copy_(output if output.shape[0] == rows else output[-rows:])
-                outgoing.send()
+                    outgoing.send()
         except Exception as exc:
             error = exc
         if error is not None:
@@ -544,7 +538,7 @@ class WorkerService:
         """Makes the outgoing message's send ready, while the caches are warm (before the forward)."""
         address = None if outgoing.address is None else _address(outgoing.address)
         on_failure = functools.partial(self._not_sent, outgoing)
-        outgoing.hand_over = self.endpoint.prepare_send(outgoing.peer, address, outgoing.frame, on_failure)
+        outgoing.send = self.endpoint.prepare_send(outgoing.peer, address, outgoing.frame, on_failure)
         return outgoing
 
     def _not_sent(self, outgoing: _Outgoing, exc: BaseException) -> None:
