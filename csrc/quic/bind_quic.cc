@@ -363,11 +363,13 @@ void bind_quic(py::module_& m) {
       .def_property_readonly("port", [](PyEndpoint& e) { return e.endpoint().port(); })
       .def_property_readonly("local_address", [](PyEndpoint& e) { return e.endpoint().local_address().to_string(); })
       .def_property_readonly("event_fd", &PyEndpoint::fd)
-      .def_property_readonly("socket_fd", [](PyEndpoint& e) { return e.endpoint().socket_fd(); })
+      .def_property_readonly("datagram_fd", [](PyEndpoint& e) { return e.endpoint().datagram_fd(); },
+                             "Readable while datagrams wait on the socket, except while a thread waits in "
+                             "await_expected with quiet=True.")
       .def("receive_on_consumer_thread",
            [](PyEndpoint& e, bool on) { e.endpoint().receive_on_consumer_thread(on); }, py::arg("on"),
            py::call_guard<py::gil_scoped_release>(),
-           "True: the I/O thread leaves incoming datagrams to the thread that calls receive() when socket_fd "
+           "True: the I/O thread leaves incoming datagrams to the thread that calls receive() when datagram_fd "
            "is readable (one wake-up per message instead of two); False: the I/O thread reads them.")
       .def(
           "receive",
@@ -437,21 +439,22 @@ void bind_quic(py::module_& m) {
            py::arg("token"), "Drops an expectation; False if a frame took it (its event is on the way).")
       .def(
           "await_expected",
-          [](PyEndpoint& e, uint64_t token, double sleep_s, double spin_s) {
+          [](PyEndpoint& e, uint64_t token, double sleep_s, double spin_s, bool quiet) {
             uint64_t request_id = 0;
             PeerId from{};
             quic::ExpectedFrames::Wait outcome;
             {
               py::gil_scoped_release nogil;
-              outcome = e.endpoint().await_expected(token, seconds_to_ns(sleep_s), seconds_to_ns(spin_s),
+              outcome = e.endpoint().await_expected(token, seconds_to_ns(sleep_s), seconds_to_ns(spin_s), quiet,
                                                     &request_id, &from);
             }
             return py::make_tuple(static_cast<int>(outcome), request_id,
                                   py::bytes(reinterpret_cast<const char*>(from.data()), from.size()));
           },
-          py::arg("token"), py::arg("sleep_s"), py::arg("spin_s"),
+          py::arg("token"), py::arg("sleep_s"), py::arg("spin_s"), py::arg("quiet"),
           "Waits for the expected frame of `token`, reading the socket on this thread: sleeps up to sleep_s, "
-          "then busy-polls up to spin_s. Returns (outcome, request_id, peer_id). Outcome 0: it came (its "
+          "then busy-polls up to spin_s; with quiet (a thread other than the one watching datagram_fd), "
+          "datagram_fd stays unreadable meanwhile. Returns (outcome, request_id, peer_id). Outcome 0: it came (its "
           "tensor is in place; no event reports it); 1: not yet (time ran out, or other events came: poll() "
           "has them); 2: taken before the call, forgotten, or the endpoint closed.")
       .def("poll", &PyEndpoint::poll,

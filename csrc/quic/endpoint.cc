@@ -63,26 +63,30 @@ Endpoint::Endpoint(const uint8_t* seed, size_t seed_len, const std::string& host
   counters_.gso = socket_.gso();
   counters_.gro = socket_.gro();
   epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
+  watch_fd_ = epoll_create1(EPOLL_CLOEXEC);
   command_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   timer_fd_ = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-  if (epoll_fd_ < 0 || command_fd_ < 0 || timer_fd_ < 0) {
-    for (int fd : {epoll_fd_, command_fd_, timer_fd_}) {
+  if (epoll_fd_ < 0 || watch_fd_ < 0 || command_fd_ < 0 || timer_fd_ < 0) {
+    for (int fd : {epoll_fd_, watch_fd_, command_fd_, timer_fd_}) {
       if (fd >= 0) ::close(fd);
     }
     throw SocketError(std::string("creating epoll/eventfd/timerfd: ") + std::strerror(errno));
   }
-  for (int fd : {socket_.fd(), command_fd_, timer_fd_}) {
+  const auto watch = [](int set, int fd) {
     epoll_event ev{};
     ev.events = EPOLLIN;
     ev.data.fd = fd;
-    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev);
-  }
+    epoll_ctl(set, EPOLL_CTL_ADD, fd, &ev);
+  };
+  for (int fd : {socket_.fd(), command_fd_, timer_fd_}) watch(epoll_fd_, fd);
+  watch(watch_fd_, socket_.fd());
   thread_ = std::thread([this] { run(); });
 }
 
 Endpoint::~Endpoint() {
   close();
   ::close(epoll_fd_);
+  ::close(watch_fd_);
   ::close(command_fd_);
   ::close(timer_fd_);
 }
@@ -599,9 +603,18 @@ void Endpoint::receive() {
   }
 }
 
-ExpectedFrames::Wait Endpoint::await_expected(uint64_t token, uint64_t sleep_ns, uint64_t spin_ns,
+ExpectedFrames::Wait Endpoint::await_expected(uint64_t token, uint64_t sleep_ns, uint64_t spin_ns, bool quiet,
                                               uint64_t* request_id, PeerId* from) {
   if (!expected_.claim(token)) return ExpectedFrames::Wait::kNotExpected;
+  struct QuietWatch {
+    Endpoint* endpoint;
+    explicit QuietWatch(Endpoint* e) : endpoint(e) {
+      if (endpoint != nullptr) endpoint->quiet_watch(+1);
+    }
+    ~QuietWatch() {
+      if (endpoint != nullptr) endpoint->quiet_watch(-1);
+    }
+  } quieted(quiet ? this : nullptr);
   const uint64_t spin_from = now_ns() + sleep_ns;
   const uint64_t until = spin_from + spin_ns;
   for (uint64_t now = now_ns(); now < until && expected_.state(token) == ExpectedFrames::Wait::kExpected;
@@ -611,6 +624,18 @@ ExpectedFrames::Wait Endpoint::await_expected(uint64_t token, uint64_t sleep_ns,
     if (ready && read_here()) break;  // others' events: the caller handles them first
   }
   return expected_.unclaim(token, request_id, from);
+}
+
+void Endpoint::quiet_watch(int change) {
+  std::lock_guard<std::mutex> lock(quiet_mutex_);
+  const bool was_quiet = quiet_waiters_ > 0;
+  quiet_waiters_ += change;
+  if (was_quiet == (quiet_waiters_ > 0)) return;
+  // Back in the set, a socket with datagrams waiting makes it readable at once: nothing is missed.
+  epoll_event ev{};
+  ev.events = quiet_waiters_ > 0 ? 0u : EPOLLIN;
+  ev.data.fd = socket_.fd();
+  epoll_ctl(watch_fd_, EPOLL_CTL_MOD, socket_.fd(), &ev);
 }
 
 size_t Endpoint::read_round(bool* events) {

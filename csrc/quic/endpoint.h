@@ -69,7 +69,7 @@ class Endpoint final : public ConnectionHost {
   // Who reads the socket. By default the I/O thread does, and the EventSink's consumer learns of incoming
   // messages from it: two thread wake-ups per message (the I/O thread's, then the consumer's), ~0.1 ms
   // on a loaded VM. With `on`, the I/O thread leaves incoming datagrams to the consumer's thread, which
-  // calls receive() whenever socket_fd() is readable: one wake-up. The consumer hands reading back
+  // calls receive() whenever datagram_fd() is readable: one wake-up. The consumer hands reading back
   // (`on` false) while its thread is busy for long (a forward), so that ACKs, flow control and large
   // transfers keep moving meanwhile. Should it stall without doing so, the I/O thread reads datagrams
   // that waited kConsumerStallNs (checked that often), well before peers would give this endpoint up
@@ -87,7 +87,12 @@ class Endpoint final : public ConnectionHost {
   // would, rather than return to the caller's event loop for every batch of packets: that cost 64 MiB
   // transfers 15-50 % of their throughput.
   void receive();
-  int socket_fd() const noexcept { return socket_.fd(); }
+  // Readable while datagrams wait on the socket (an epoll set holding it), for the consumer's event
+  // loop to watch; except while threads wait in await_expected with `quiet`: the set then leaves the
+  // socket out, so that the datagrams those threads read do not also wake the consumer's thread, whose
+  // wake-up across CPUs and handling would find them read (a client's step result: traced, ~30 us of
+  // the worker's send and a CPU taken from the waiting thread, docs/benchmarks.md).
+  int datagram_fd() const noexcept { return watch_fd_; }
   // Waits for a datagram the caller expects soon: sleeps in ppoll for up to sleep_ns, then busy-polls
   // the socket for up to spin_ns. True once one is waiting (the caller then calls receive()). A thread
   // already running when the datagram lands skips the wake-up across CPUs that a sleeping one costs
@@ -107,9 +112,10 @@ class Endpoint final : public ConnectionHost {
   // the time ran out or because other events went to the sink meanwhile (the caller handles them and
   // may wait again); the frame is reported as usual if it comes while nobody waits. kNotExpected:
   // taken before the call, forgotten, or the endpoint closed. Where the frame is read elsewhere
-  // meanwhile (the consumer's or the I/O thread), the sleep notices within kAwaitSliceNs.
-  ExpectedFrames::Wait await_expected(uint64_t token, uint64_t sleep_ns, uint64_t spin_ns, uint64_t* request_id,
-                                      PeerId* from);
+  // meanwhile (the consumer's or the I/O thread), the sleep notices within kAwaitSliceNs. `quiet`: a
+  // thread other than the consumer's waits, and datagram_fd() stays unreadable meanwhile.
+  ExpectedFrames::Wait await_expected(uint64_t token, uint64_t sleep_ns, uint64_t spin_ns, bool quiet,
+                                      uint64_t* request_id, PeerId* from);
   static constexpr uint64_t kAwaitSliceNs = 1'000'000;
 
   // These two wait for the engine's answer: never call them from an EventSink callback.
@@ -149,6 +155,7 @@ class Endpoint final : public ConnectionHost {
   // Returns the datagrams read; *events: whether it emitted any.
   size_t read_round(bool* events);
   bool read_here();  // a read_round on this thread, then the sink flushed; true: events were emitted
+  void quiet_watch(int change);  // +1: one more quiet waiter (the socket leaves watch_fd_), -1: one less
   bool sleep_for_datagram(uint64_t ns) const;  // ppoll: true once a datagram is waiting
   bool spin_for_datagram(uint64_t ns) const;   // busy-polls: true once a datagram is waiting
   // One look of a busy-poll: whether a datagram is waiting, after letting any other thread that wants
@@ -181,12 +188,16 @@ class Endpoint final : public ConnectionHost {
   uint8_t reset_secret_[32];
 
   int epoll_fd_ = -1;
+  int watch_fd_ = -1;  // epoll set holding the socket: datagram_fd()
   int command_fd_ = -1;  // eventfd: commands queued
   int timer_fd_ = -1;
   uint64_t armed_ = 0;   // deadline the timerfd is set to (UINT64_MAX: disarmed, 0: fired or never set)
   bool want_writable_ = false;
   bool io_reads_ = true;  // the I/O thread reads the socket (see receive_on_consumer_thread)
   uint64_t consumer_read_at_ = 0;  // when the consumer's thread last called receive()
+
+  std::mutex quiet_mutex_;
+  int quiet_waiters_ = 0;  // threads in await_expected with `quiet` (guarded by quiet_mutex_)
 
   std::mutex mutex_;
   std::vector<Command> commands_;

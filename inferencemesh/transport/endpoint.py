@@ -1,8 +1,9 @@
 """asyncio face of the native QUIC endpoint.
 
 The endpoint's I/O thread lives in C++ and runs its timers. The loop's thread reads the socket itself
-(``loop.add_reader`` on it): a datagram wakes this thread alone, where the I/O thread reading it and
-then waking this one cost ~0.1 ms more per message on a loaded VM. While the loop's thread is busy
+(``loop.add_reader`` on the native ``datagram_fd``, readable while datagrams wait): a datagram wakes
+this thread alone, where the I/O thread reading it and then waking this one cost ~0.1 ms more per
+message on a loaded VM. While the loop's thread is busy
 for long (:meth:`Endpoint.set_busy`) the I/O thread reads instead and reports through an eventfd, also
 watched with ``add_reader``, so nothing polls. Requests resolve futures; incoming frames are handed
 to the handler set with ``set_handler``. With ``TransportConfig(loop_reads_socket=False)`` the I/O
@@ -22,6 +23,7 @@ import itertools
 import logging
 import os
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -67,6 +69,7 @@ class Endpoint:
     def __init__(self, native: Any, loop: asyncio.AbstractEventLoop, config: TransportConfig) -> None:
         self._native = native
         self._loop = loop
+        self._loop_thread = threading.get_ident()  # made on the loop's thread (start)
         self._config = config
         self._tokens = itertools.count(1)
         # token -> (outcome, peer id): an asyncio future, a concurrent.futures one (send_soon: any
@@ -86,7 +89,7 @@ class Endpoint:
         self.port: int = native.port
         loop.add_reader(native.event_fd, self._on_events)
         if config.loop_reads_socket:
-            loop.add_reader(native.socket_fd, self._on_datagrams)
+            loop.add_reader(native.datagram_fd, self._on_datagrams)
             native.receive_on_consumer_thread(True)
 
     @classmethod
@@ -292,9 +295,12 @@ class Endpoint:
         other messages came meanwhile: their events wait for the loop's thread (:meth:`_on_events`),
         and the caller may wait again. A thread that waits so for its own message (a client's step
         result) has it with no wake-up and no hand-off from the loop's thread: ~110 us less of a
-        step's way on the VM of docs/benchmarks.md. The loop's thread, if asleep, still wakes for
-        the datagrams and finds them read (taking the socket from it cost more: traced)."""
-        outcome, request_id, sender = self._native.await_expected(token, sleep_s, spin_s)
+        step's way on the VM of docs/benchmarks.md. Meanwhile the datagrams it reads do not wake the
+        loop's thread either (the native endpoint's datagram_fd, which the loop watches, leaves the
+        socket out while such a thread waits): that wake-up found them read, and its handling took a
+        CPU from the waiting thread (~30 us of a step per hop, docs/benchmarks.md)."""
+        quiet = threading.get_ident() != self._loop_thread
+        outcome, request_id, sender = self._native.await_expected(token, sleep_s, spin_s, quiet)
         if outcome == FrameWait.ARRIVED:
             self._arrivals.pop(token, None)
         return _FRAME_WAITS[outcome], request_id, sender
@@ -481,7 +487,7 @@ class Endpoint:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._arrivals.clear()
         self._loop.remove_reader(self._native.event_fd)
-        self._loop.remove_reader(self._native.socket_fd)  # a no-op when the I/O thread reads it
+        self._loop.remove_reader(self._native.datagram_fd)  # a no-op when the I/O thread reads it
         self._native.close()
         for event in self._native.poll():
             entry = self._pending.pop(event[1], None) if event[0] == _FAILED else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import select
 import threading
 import time
 from typing import Any
@@ -209,6 +210,69 @@ def test_a_thread_waiting_for_an_expected_frame_reads_it_itself() -> None:
         }
 
     run(scenario())
+
+
+def _sleeps(thread_id: int) -> int:
+    """How often a thread of this process went to sleep (its voluntary context switches)."""
+    with open(f"/proc/self/task/{thread_id}/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc")
+
+
+def test_the_datagrams_a_waiting_thread_reads_wake_no_watcher_of_the_loops_fd() -> None:
+    """While a thread other than the loop's waits in await_frame, the datagram_fd that the loop's
+    thread watches stays unreadable: the frame that thread takes wakes no watcher. Without such a
+    waiter, a datagram wakes them as before."""
+
+    async def scenario() -> tuple[int, int, int]:
+        a, b, handled = await peers()
+        address = ("127.0.0.1", b.port)
+        a.send_or_report(b.peer_id, address, message(1, torch.randn(SHAPE)), pytest.fail)
+        await until(lambda: handled)  # connected
+        await asyncio.sleep(0.2)  # the handshake's last packets are in
+        # A watcher like the loop's selector, on a thread of its own that does nothing else.
+        stop_read, stop_write = os.pipe()
+        watcher = select.epoll()
+        watcher.register(b._native.datagram_fd, select.EPOLLIN)
+        watcher.register(stop_read, select.EPOLLIN)
+        watching: list[int] = []
+
+        def watch() -> None:
+            watching.append(threading.get_native_id())
+            while all(fd != stop_read for fd, _ in watcher.poll()):
+                time.sleep(0.001)  # the loop's thread reads the datagram meanwhile
+
+        thread = threading.Thread(target=watch)
+        thread.start()
+        await until(lambda: watching)
+        await asyncio.sleep(0.1)  # asleep in poll
+        asleep = _sleeps(watching[0])
+        token, into = expect(b, [])
+        tensor = torch.randn(SHAPE)
+        waiting = asyncio.get_running_loop().run_in_executor(None, b.await_frame, token, 0.0, 5.0)
+        await asyncio.sleep(0.05)
+        a.send_or_report(b.peer_id, address, message(6, tensor), pytest.fail)
+        outcome, request_id, _ = await waiting
+        while_waited = _sleeps(watching[0])
+        assert (outcome, request_id) == (FrameWait.ARRIVED, 6) and torch.equal(into, tensor)
+        a.send_or_report(b.peer_id, address, message(3, tensor), pytest.fail)
+        await until(lambda: handled == [1, 3])
+        await asyncio.sleep(0.05)
+        after_another = _sleeps(watching[0])
+        os.write(stop_write, b"x")
+        thread.join()
+        for fd in (stop_read, stop_write):
+            os.close(fd)
+        watcher.close()
+        await a.close()
+        await b.close()
+        return asleep, while_waited, after_another
+
+    asleep, while_waited, after_another = run(scenario())
+    assert while_waited == asleep  # not woken by the frame the waiting thread took
+    assert after_another > while_waited  # woken by a datagram nobody waited for
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="busy-polling needs two CPUs")
