@@ -169,19 +169,18 @@ class ComputeScheduler:
         with others, or failed (also if ``written`` raised: ``done`` then gets its error)."""
         if self._stopping:
             raise RuntimeError("the compute loop has stopped")
-        job = _Job(cache, hidden, done, burst, out, written)
-        key, now = id(cache), time.perf_counter()
-        others_active = self._others_active(key, now)
-        known = self._recent.get(key)
-        # Its weakref is kept across steps; an id of a freed cache may have come back for a new one.
-        ref = known[0] if known is not None and known[0]() is cache else weakref.ref(cache)
-        self._recent[key] = (ref, now)
         tokens = hidden.shape[0] if rows is None else rows
+        if tokens == 1 and burst is None and self._alone(cache) and self._start_inline(self._decode_row_s):
+            self._decode_alone(cache, hidden, done, out, written)
+            return
+        job = _Job(cache, hidden, done, burst, out, written)
+        now = time.perf_counter()
+        others_active = self._others_active(id(cache), now)
+        self._note_active(cache, now)
         if tokens == 1:
             job.arrived = self._last_arrival = now
             if burst is None and self._pending_flush is None and not self._arrived and not others_active:
-                # A lone session: no other step could join its batch, so it runs now, without the
-                # flush's reckoning (~20 us of every step, cold).
+                # A lone session (one that others left lately): no other step could join its batch.
                 self._run_batch([job])
                 return
             self._arrived.append(job)
@@ -201,7 +200,7 @@ class ComputeScheduler:
                 output, error = self._prefill(job, tokens)
             finally:
                 self._end_inline()
-            _settle(job, output, error)
+            _settle(job.done, output, error)
             self._budget_again_next_turn()
             return
         self._enqueue(self._prefills, [job])
@@ -210,6 +209,42 @@ class ComputeScheduler:
         """Whether ``cache``'s session is the only one this worker serves now: nothing queued, and
         no other session submitted work in the last ACTIVE_S; event loop only."""
         return not self.queued and not self._others_active(id(cache), time.perf_counter())
+
+    def _alone(self, cache: SessionCache) -> bool:
+        """Whether ``cache``'s session is the only one this worker knows of and nothing waits: its
+        decode could join no batch. The usual case of a lone session, told in few steps; one that
+        others left lately (still in ``_recent``) takes the general way of ``submit``."""
+        recent = self._recent
+        return len(recent) == 1 and id(cache) in recent and self._pending_flush is None and not self._arrived
+
+    def _decode_alone(
+        self,
+        cache: SessionCache,
+        hidden: torch.Tensor,
+        done: Done,
+        out: torch.Tensor | None,
+        written: Callable[[], None] | None,
+    ) -> None:
+        """A lone session's decode step, inline (the span taken by ``_start_inline``): the forward
+        first, its bookkeeping after its output went on. Before the forward every statement counts,
+        the caches being cold after the other workers' forwards: from submit's call to the forward,
+        the general way took 26-29 us, this one 15-17 (traced, docs/benchmarks.md)."""
+        try:
+            output, error = self._forward(hidden, [cache], out, written)
+        finally:
+            self._end_inline()
+        self._note_active(cache, self._inline_started)
+        self._last_arrival = self._inline_started
+        _settle(done, output, error)
+        self._budget_again_next_turn()
+
+    def _note_active(self, cache: SessionCache, now: float) -> None:
+        """``cache``'s session submitted work at ``now``."""
+        key = id(cache)
+        known = self._recent.get(key)
+        # Its weakref is kept across steps; an id of a freed cache may have come back for a new one.
+        ref = known[0] if known is not None and known[0]() is cache else weakref.ref(cache)
+        self._recent[key] = (ref, now)
 
     @property
     def queued(self) -> int:
@@ -266,7 +301,7 @@ class ComputeScheduler:
         finally:
             self._end_inline()
         for row, job in enumerate(batch):
-            _settle(job, _row(output, row, len(batch)), error)
+            _settle(job.done, _row(output, row, len(batch)), error)
         self._budget_again_next_turn()
 
     def _flush_later(self, delay: float | None = None) -> None:
@@ -364,7 +399,7 @@ class ComputeScheduler:
             self._wake.notify()
 
     def _deliver(self, job: _Job, output: torch.Tensor | None, error: BaseException | None) -> None:
-        self._loop.call_soon_threadsafe(_settle, job, output, error)
+        self._loop.call_soon_threadsafe(_settle, job.done, output, error)
 
     # ------------------------------------------------------------------ compute thread side
     def _run(self) -> None:
@@ -394,30 +429,39 @@ class ComputeScheduler:
 
     # ------------------------------------------------------------------ the span (either thread)
     def _decode(self, batch: list[_Job]) -> tuple[torch.Tensor | None, BaseException | None]:
+        if len(batch) == 1:
+            lone = batch[0]
+            return self._forward(lone.hidden, [lone.cache], lone.out, lone.written)
+        return self._forward(torch.cat([job.hidden for job in batch]), [job.cache for job in batch])
+
+    def _forward(
+        self,
+        hidden: torch.Tensor,
+        caches: list[SessionCache],
+        out: torch.Tensor | None = None,
+        written: Callable[[], None] | None = None,
+    ) -> tuple[torch.Tensor | None, BaseException | None]:
+        """One decode forward of ``hidden`` [rows, hidden_size] (a row per cache); ``out``, ``written``:
+        a lone step's (see submit)."""
         started = time.perf_counter()
-        lone = batch[0] if len(batch) == 1 else None
         try:
-            if lone is None:
-                output = self.span.decode(
-                    torch.cat([job.hidden for job in batch]), [job.cache for job in batch]
-                )
-            else:
-                output = self.span.decode(lone.hidden, [lone.cache], lone.out)
+            output = self.span.decode(hidden, caches, out)
         except Exception as exc:
             return None, exc
         elapsed = time.perf_counter() - started  # the forward's own time: what PING's step_times report
-        if lone is not None and lone.written is not None and lone.out is not None:
+        if written is not None and out is not None:
             try:
-                lone.written()
+                written()
             except Exception as exc:  # the step fails as a whole (reported as an internal error)
                 return None, exc
-        self._decode_row_s = _ema(self._decode_row_s, elapsed / len(batch))
+        rows = len(caches)
+        self._decode_row_s = _ema(self._decode_row_s, elapsed / rows)
         self._decode_batch_s = _ema(self._decode_batch_s, elapsed)
         self.stats.decode_seconds += elapsed
-        self.stats.decode_tokens += len(batch)
+        self.stats.decode_tokens += rows
         self.stats.decode_batches += 1
-        for job in batch:
-            job.cache.last_decode_s = elapsed
+        for cache in caches:
+            cache.last_decode_s = elapsed
         return output, None
 
     def _prefill(self, job: _Job, tokens: int) -> tuple[torch.Tensor | None, BaseException | None]:
@@ -440,9 +484,9 @@ class ComputeScheduler:
         return (job.outputs[0] if len(job.outputs) == 1 else torch.cat(job.outputs)), None
 
 
-def _settle(job: _Job, output: torch.Tensor | None, error: BaseException | None) -> None:
+def _settle(done: Done, output: torch.Tensor | None, error: BaseException | None) -> None:
     try:
-        job.done(output, error)
+        done(output, error)
     except Exception:
         log.exception("a compute result could not be handled")
 

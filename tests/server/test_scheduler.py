@@ -13,6 +13,7 @@ import torch
 from inferencemesh.compute.errors import CacheOverflow
 from inferencemesh.compute.kv_cache import KVCacheManager, SessionCache
 from inferencemesh.compute.span import Span
+from inferencemesh.server import scheduler as scheduler_module
 from inferencemesh.server.scheduler import Burst, ComputeScheduler
 
 HIDDEN = 576
@@ -302,6 +303,37 @@ def test_a_lone_session_never_waits(span: Span, caches: KVCacheManager) -> None:
         return loop.time() - started
 
     assert asyncio.run(run()) < 5.0  # a wait would take the whole gap
+
+
+def test_a_lone_sessions_decodes_are_booked_and_keep_it_active_for_others(
+    span: Span, caches: KVCacheManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone session's decodes run at once, and count like any: in the stats, in its cache's last
+    decode time, and as the activity that makes a second session's step wait for it to join."""
+    monkeypatch.setattr(scheduler_module, "ACTIVE_S", 0.05)
+
+    async def run() -> tuple[tuple[int, int, bool], bool, tuple[int, int]]:
+        sched = scheduler(span, gather_s=5.0)
+        lone = caches.allocate("lone", 32)
+        await compute(sched, lone, torch.zeros(2, HIDDEN))
+        await asyncio.sleep(0.1)  # its prefill no longer counts as activity: only its decodes do
+        for _ in range(3):
+            await compute(sched, lone, torch.zeros(1, HIDDEN))
+        booked = (sched.stats.decode_tokens, sched.stats.decode_batches, lone.last_decode_s > 0)
+        other = caches.allocate("other", 32)
+        await compute(sched, other, torch.zeros(2, HIDDEN))
+        step = asyncio.ensure_future(compute(sched, other, torch.zeros(1, HIDDEN)))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        waited = not step.done()
+        await asyncio.gather(step, compute(sched, lone, torch.zeros(1, HIDDEN)))
+        sched.stop()
+        return booked, waited, (sched.stats.decode_tokens, sched.stats.decode_batches)
+
+    booked, waited, after = asyncio.run(run())
+    assert booked == (3, 3, True)
+    assert waited  # for the lone session's next step, which then joined it
+    assert after == (5, 4)
 
 
 @pytest.mark.parametrize("closed", [False, True], ids=["open", "closed"])
