@@ -16,11 +16,6 @@ constexpr size_t kSafeUdpPayload = 1452;
 constexpr size_t kPacingMinBurst = 16;                 // packets in one write pass
 constexpr uint64_t kPacingMinRtt = 1000000;            // 1 ms
 constexpr uint64_t kMaxUnpacedBytes = uint64_t{64} << 10;
-// After a request reaches the application (or a response reaches the requester), the ACK for it waits
-// this long for the reply (or the next request) to carry it. Sent on its own it costs the peer a
-// wake-up, and ngtcp2 answers the resulting gap in ack-eliciting packet numbers with another immediate
-// ACK, so every message would drag two extra packets along.
-constexpr uint64_t kAckHold = 500000;  // 0.5 ms
 // How long the reset of an unanswered stream waits for another packet to ride on (close_unanswered):
 // ngtcp2's default max_ack_delay, so a peer stepping a session every few ms always gets it that way.
 constexpr uint64_t kUnansweredResetDelay = 25000000;  // 25 ms
@@ -251,7 +246,7 @@ bool Connection::read(const Address& from, const uint8_t* pkt, size_t len, uint6
   dirty = true;
   if (message_delivered_) {
     message_delivered_ = false;
-    hold_until_ = now + kAckHold;
+    hold_until_ = now + kAckHoldNs;
   }
   return alive();
 }
@@ -323,7 +318,19 @@ uint64_t Connection::expiry() const {
   // would wake the I/O thread just to find the hold still on; the hold's own end is the earliest
   // deadline that matters.
   if (hold_until_ != 0 && t < hold_until_) t = hold_until_;
-  if (unanswered_due_ != 0) t = std::min(t, unanswered_due_);
+  return std::min(t, own_deadline());
+}
+
+uint64_t Connection::firm_expiry() const {
+  const uint64_t t = ngtcp2_conn_get_expiry(conn_);
+  // During a hold, ngtcp2's next deadline is most often its delayed ACK (srtt/8, ~0.6 ms between
+  // workers whose ACKs wait for their forwards), at worst a loss timer that fires a little late.
+  const bool soft = hold_until_ != 0 && t <= hold_until_ + kAckHoldSlackNs;
+  return std::min(soft ? UINT64_MAX : t, own_deadline());
+}
+
+uint64_t Connection::own_deadline() const {
+  uint64_t t = unanswered_due_ != 0 ? unanswered_due_ : UINT64_MAX;
   if (watch_since_ != 0) {
     t = std::min(t, std::max(last_rx_, watch_since_) + seconds_to_ns(config_.dead_peer_timeout_s));
   }

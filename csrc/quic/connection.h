@@ -61,7 +61,7 @@ class Connection {
   bool read(const Address& from, const uint8_t* pkt, size_t len, uint64_t now);
   bool handle_timeout(uint64_t now);
   bool write(TxBatch& tx, uint64_t now);
-  // True while writing should wait for the application's reply to carry the pending ACK (see kAckHold).
+  // True while writing should wait for the application's reply to carry the pending ACK (see kAckHoldNs).
   bool holding(uint64_t now);
 
   void request(uint64_t token, OutFrame frame);
@@ -85,6 +85,17 @@ class Connection {
   void fail_outstanding(ErrorKind kind, const std::string& message);
 
   uint64_t expiry() const;  // next deadline (ngtcp2 timers, dead-peer check), CLOCK_MONOTONIC ns
+  // expiry() but for the end of a held ACK (kAckHoldNs) and ngtcp2's deadlines until kAckHoldSlackNs
+  // after it, which may pass by up to that much: Endpoint::arm_timer.
+  uint64_t firm_expiry() const;
+  // After a request reaches the application (or a response reaches the requester), the ACK for it waits
+  // this long for the reply (or the next request) to carry it. Sent on its own it costs the peer a
+  // wake-up, and ngtcp2 answers the resulting gap in ack-eliciting packet numbers with another immediate
+  // ACK, so every message would drag two extra packets along.
+  static constexpr uint64_t kAckHoldNs = 500'000;  // 0.5 ms
+  // How late a held ACK may go, on a timer armed ahead for it (Endpoint::await_expected): well within
+  // ngtcp2's default max_ack_delay (25 ms), which peers' loss detection allows for.
+  static constexpr uint64_t kAckHoldSlackNs = 10'000'000;
   PeerStats stats(uint64_t now) const;
 
   uint64_t serial() const noexcept { return serial_; }
@@ -93,6 +104,8 @@ class Connection {
   const Failure& failure() const noexcept { return failure_; }
   const PeerId& peer() const noexcept { return tls_.verified ? tls_.peer : tls_.expected; }
   bool dirty = false;  // has something to write; maintained by the endpoint
+  // Has messages of its own to send (not only ACKs and flow control): written first (Endpoint::write_all).
+  bool has_messages() const noexcept { return !sendq_.empty() || !queued_bidi_.empty() || !queued_uni_.empty(); }
 
  private:
   struct Stream;
@@ -119,6 +132,7 @@ class Connection {
   void credit(Stream* s, uint64_t n);
   void report_failure(Stream* s, ErrorKind kind, std::string message);
   void outstanding_changed(uint64_t now);
+  uint64_t own_deadline() const;  // the unanswered streams' resets and the dead-peer check
   void reset_unanswered();
   size_t outstanding() const noexcept { return queued_bidi_.size() + queued_uni_.size() + out_streams_; }
 

@@ -555,11 +555,15 @@ void Endpoint::handle_timeouts(uint64_t now) {
 }
 
 void Endpoint::write_all(uint64_t now) {
-  for (auto& [serial, c] : conns_) {
-    if (tx_.blocked()) break;
-    if (c->dirty && c->alive() && !c->holding(now)) {
-      c->write(tx_, now);
-      tx_.flush();
+  // Connections with messages go first: an ACK whose hold ended (it may pass: arm_timer) must not
+  // delay a message that goes out in the same turn by its sendmsg.
+  for (const bool messages : {true, false}) {
+    for (auto& [serial, c] : conns_) {
+      if (tx_.blocked()) break;
+      if (c->dirty && c->has_messages() == messages && c->alive() && !c->holding(now)) {
+        c->write(tx_, now);
+        tx_.flush();
+      }
     }
   }
   if (tx_.blocked() != want_writable_) {
@@ -606,6 +610,16 @@ void Endpoint::receive() {
 ExpectedFrames::Wait Endpoint::await_expected(uint64_t token, uint64_t sleep_ns, uint64_t spin_ns, bool quiet,
                                               uint64_t* request_id, PeerId* from) {
   if (!expected_.claim(token)) return ExpectedFrames::Wait::kNotExpected;
+  const uint64_t spin_from = now_ns() + sleep_ns;
+  const uint64_t until = spin_from + spin_ns;
+  if (spin_ns > 0) {
+    // The frame's ACK will be held from its arrival, by `until` at the latest: arm the timer for then
+    // now, while this thread waits anyway. The read then keeps it (arm_timer), where re-arming it, a
+    // trap to the hypervisor here, took ~8 us of the frame's way (traced, docs/benchmarks.md).
+    std::lock_guard<std::mutex> engine(engine_);
+    awaited_hold_ = until + Connection::kAckHoldNs;
+    arm_by(awaited_hold_, now_ns());
+  }
   struct QuietWatch {
     Endpoint* endpoint;
     explicit QuietWatch(Endpoint* e) : endpoint(e) {
@@ -615,8 +629,6 @@ ExpectedFrames::Wait Endpoint::await_expected(uint64_t token, uint64_t sleep_ns,
       if (endpoint != nullptr) endpoint->quiet_watch(-1);
     }
   } quieted(quiet ? this : nullptr);
-  const uint64_t spin_from = now_ns() + sleep_ns;
-  const uint64_t until = spin_from + spin_ns;
   for (uint64_t now = now_ns(); now < until && expected_.state(token) == ExpectedFrames::Wait::kExpected;
        now = now_ns()) {
     const bool ready =
@@ -643,7 +655,7 @@ size_t Endpoint::read_round(bool* events) {
   consumer_read_at_ = now_ns();
   const uint64_t emitted = events_emitted_;
   const size_t received = read_socket(consumer_read_at_);
-  // A connection that delivered a message holds its ACK for the reply (kAckHold): this writes only
+  // A connection that delivered a message holds its ACK for the reply (kAckHoldNs): this writes only
   // what cannot wait (e.g. more data after an ACK opened the window) and re-arms the timer.
   turn();
   t_engine = nullptr;
@@ -715,17 +727,34 @@ void Endpoint::reap(uint64_t now) {
 
 void Endpoint::arm_timer(uint64_t now) {
   uint64_t next = deadlines_.empty() ? UINT64_MAX : deadlines_.begin()->first;
-  for (auto& [serial, c] : conns_) next = std::min(next, c->expiry());
+  uint64_t firm = next;
+  if (awaited_hold_ <= now) awaited_hold_ = UINT64_MAX;
+  next = std::min(next, awaited_hold_);
+  for (auto& [serial, c] : conns_) {
+    next = std::min(next, c->expiry());
+    firm = std::min(firm, c->firm_expiry());
+  }
   // A deadline that moved later keeps the armed one: it fires early once and is re-armed then. Re-arming
   // on every change costs two timerfd_settime calls per message, which on this VM (the timer write
-  // traps to the hypervisor) was a quarter of all CPU time of a request/response loop.
-  if (armed_ != 0 && armed_ <= next) return;
-  armed_ = next;
+  // traps to the hypervisor) was a quarter of all CPU time of a request/response loop. So does a held
+  // ACK's end up to kAckHoldSlackNs before it (the timer armed ahead by await_expected).
+  const uint64_t latest = next > UINT64_MAX - Connection::kAckHoldSlackNs ? UINT64_MAX
+                                                                          : next + Connection::kAckHoldSlackNs;
+  if (armed_ != 0 && armed_ <= firm && armed_ <= latest) return;
+  set_timer(next, now);
+}
+
+void Endpoint::arm_by(uint64_t at, uint64_t now) {
+  if (armed_ == 0 || armed_ > at) set_timer(at, now);
+}
+
+void Endpoint::set_timer(uint64_t at, uint64_t now) {
+  armed_ = at;
   itimerspec spec{};
-  if (next != UINT64_MAX) {
-    const uint64_t at = std::max(next, now + 1);
-    spec.it_value.tv_sec = static_cast<time_t>(at / 1000000000ull);
-    spec.it_value.tv_nsec = static_cast<long>(at % 1000000000ull);
+  if (at != UINT64_MAX) {
+    const uint64_t when = std::max(at, now + 1);
+    spec.it_value.tv_sec = static_cast<time_t>(when / 1000000000ull);
+    spec.it_value.tv_nsec = static_cast<long>(when % 1000000000ull);
   }
   timerfd_settime(timer_fd_, TFD_TIMER_ABSTIME, &spec, nullptr);
 }

@@ -155,6 +155,9 @@ class Endpoint final : public ConnectionHost {
   // Returns the datagrams read; *events: whether it emitted any.
   size_t read_round(bool* events);
   bool read_here();  // a read_round on this thread, then the sink flushed; true: events were emitted
+  void arm_timer(uint64_t now);  // for the earliest deadline, unless the armed one will do
+  void arm_by(uint64_t at, uint64_t now);  // so that the timer fires by `at` at the latest
+  void set_timer(uint64_t at, uint64_t now);
   void quiet_watch(int change);  // +1: one more quiet waiter (the socket leaves watch_fd_), -1: one less
   bool sleep_for_datagram(uint64_t ns) const;  // ppoll: true once a datagram is waiting
   bool spin_for_datagram(uint64_t ns) const;   // busy-polls: true once a datagram is waiting
@@ -169,7 +172,6 @@ class Endpoint final : public ConnectionHost {
   void watch_socket();  // sets the socket's epoll interest from io_reads_ and want_writable_
   void read_for_stalled_consumer(uint64_t now);
   void reap(uint64_t now);
-  void arm_timer(uint64_t now);
   void shutdown_connections(uint64_t now);
 
   void submit(bool request, uint64_t token, const PeerId& peer, std::optional<Address> address, OutFrame frame);
@@ -192,6 +194,9 @@ class Endpoint final : public ConnectionHost {
   int command_fd_ = -1;  // eventfd: commands queued
   int timer_fd_ = -1;
   uint64_t armed_ = 0;   // deadline the timerfd is set to (UINT64_MAX: disarmed, 0: fired or never set)
+  // When the held ACK of a frame a thread awaits ends at the latest (await_expected): the timer keeps
+  // firing by then, whatever else re-arms it meanwhile, so that the frame's read need not re-arm it.
+  uint64_t awaited_hold_ = UINT64_MAX;
   bool want_writable_ = false;
   bool io_reads_ = true;  // the I/O thread reads the socket (see receive_on_consumer_thread)
   uint64_t consumer_read_at_ = 0;  // when the consumer's thread last called receive()
