@@ -94,8 +94,10 @@ class Connection {
   // ACK, so every message would drag two extra packets along.
   static constexpr uint64_t kAckHoldNs = 500'000;  // 0.5 ms
   // How late a held ACK may go, on a timer armed ahead for it (Endpoint::await_expected): well within
-  // ngtcp2's default max_ack_delay (25 ms), which peers' loss detection allows for.
-  static constexpr uint64_t kAckHoldSlackNs = 10'000'000;
+  // ngtcp2's default max_ack_delay (25 ms), which peers' loss detection allows for, and short enough
+  // that with the default busy-poll windows most ACKs still go while the receiver computes, not when
+  // it sends its output and the next hop starts (the sender's wake-up for it then takes a CPU).
+  static constexpr uint64_t kAckHoldSlackNs = 4'000'000;
   PeerStats stats(uint64_t now) const;
 
   uint64_t serial() const noexcept { return serial_; }
