@@ -613,9 +613,9 @@ ExpectedFrames::Wait Endpoint::await_expected(uint64_t token, uint64_t sleep_ns,
   const uint64_t spin_from = now_ns() + sleep_ns;
   const uint64_t until = spin_from + spin_ns;
   if (spin_ns > 0) {
-    // The frame's ACK will be held from its arrival, by `until` at the latest: arm the timer for then
-    // now, while this thread waits anyway. The read then keeps it (arm_timer), where re-arming it, a
-    // trap to the hypervisor here, took ~8 us of the frame's way (traced, docs/benchmarks.md).
+    // The frame's ACK will be held from its arrival, by `until` at the latest: the timer is armed for
+    // that time now, while this thread waits anyway. The read then keeps it (arm_timer), where
+    // re-arming it, a trap to the hypervisor here, took ~8 us of the frame's way (docs/benchmarks.md).
     std::lock_guard<std::mutex> engine(engine_);
     awaited_hold_ = until + Connection::kAckHoldNs;
     arm_by(awaited_hold_, now_ns());
