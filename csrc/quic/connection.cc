@@ -312,21 +312,18 @@ bool Connection::handle_timeout(uint64_t now) {
   return true;
 }
 
-uint64_t Connection::expiry() const {
-  uint64_t t = ngtcp2_conn_get_expiry(conn_);
+Connection::Expiry Connection::expiry() const {
+  const uint64_t t = ngtcp2_conn_get_expiry(conn_);
+  const uint64_t own = own_deadline();
+  if (hold_until_ == 0) return {std::min(t, own), std::min(t, own)};
   // While an ACK waits for the reply, ngtcp2's delayed-ACK deadline (srtt/8: microseconds on loopback)
   // would wake the I/O thread just to find the hold still on; the hold's own end is the earliest
-  // deadline that matters.
-  if (hold_until_ != 0 && t < hold_until_) t = hold_until_;
-  return std::min(t, own_deadline());
-}
-
-uint64_t Connection::firm_expiry() const {
-  const uint64_t t = ngtcp2_conn_get_expiry(conn_);
-  // During a hold, ngtcp2's next deadline is most often its delayed ACK (srtt/8, ~0.6 ms between
-  // workers whose ACKs wait for their forwards), at worst a loss timer that fires a little late.
-  const bool soft = hold_until_ != 0 && t <= hold_until_ + kAckHoldSlackNs;
-  return std::min(soft ? UINT64_MAX : t, own_deadline());
+  // deadline that matters. Its deadlines until kAckHoldSlackNs after the hold's end are most often that
+  // delayed ACK (srtt/8 is ~0.6 ms between workers whose ACKs wait for their forwards), at worst a
+  // loss timer that fires a little late: they are not firm.
+  const uint64_t next = std::min(std::max(t, hold_until_), own);
+  const uint64_t firm = std::min(t <= hold_until_ + kAckHoldSlackNs ? UINT64_MAX : t, own);
+  return {next, firm};
 }
 
 uint64_t Connection::own_deadline() const {

@@ -84,10 +84,13 @@ class Connection {
   // Reports every operation still outstanding as failed and drops the frames it holds.
   void fail_outstanding(ErrorKind kind, const std::string& message);
 
-  uint64_t expiry() const;  // next deadline (ngtcp2 timers, dead-peer check), CLOCK_MONOTONIC ns
-  // expiry() but for the end of a held ACK (kAckHoldNs) and ngtcp2's deadlines until kAckHoldSlackNs
-  // after it, which may pass by up to that much: Endpoint::arm_timer.
-  uint64_t firm_expiry() const;
+  struct Expiry {
+    uint64_t next;  // the next deadline (ngtcp2 timers, dead-peer check), CLOCK_MONOTONIC ns
+    // `next` but for the end of a held ACK (kAckHoldNs) and ngtcp2's deadlines until kAckHoldSlackNs
+    // after it, which may pass by up to that much (Endpoint::arm_timer).
+    uint64_t firm;
+  };
+  Expiry expiry() const;
   // After a request reaches the application (or a response reaches the requester), the ACK for it waits
   // this long for the reply (or the next request) to carry it. Sent on its own it costs the peer a
   // wake-up, and ngtcp2 answers the resulting gap in ack-eliciting packet numbers with another immediate

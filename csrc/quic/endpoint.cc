@@ -550,7 +550,7 @@ void Endpoint::on_datagram(const Address& from, const uint8_t* data, size_t len,
 
 void Endpoint::handle_timeouts(uint64_t now) {
   for (auto& [serial, c] : conns_) {
-    if (c->alive() && c->expiry() <= now) c->handle_timeout(now);
+    if (c->alive() && c->expiry().next <= now) c->handle_timeout(now);
   }
 }
 
@@ -620,21 +620,14 @@ ExpectedFrames::Wait Endpoint::await_expected(uint64_t token, uint64_t sleep_ns,
     awaited_hold_ = until + Connection::kAckHoldNs;
     arm_by(awaited_hold_, now_ns());
   }
-  struct QuietWatch {
-    Endpoint* endpoint;
-    explicit QuietWatch(Endpoint* e) : endpoint(e) {
-      if (endpoint != nullptr) endpoint->quiet_watch(+1);
-    }
-    ~QuietWatch() {
-      if (endpoint != nullptr) endpoint->quiet_watch(-1);
-    }
-  } quieted(quiet ? this : nullptr);
+  if (quiet) quiet_watch(+1);
   for (uint64_t now = now_ns(); now < until && expected_.state(token) == ExpectedFrames::Wait::kExpected;
        now = now_ns()) {
     const bool ready =
         now < spin_from ? sleep_for_datagram(std::min(spin_from - now, kAwaitSliceNs)) : datagram_after_yield();
     if (ready && read_here()) break;  // others' events: the caller handles them first
   }
+  if (quiet) quiet_watch(-1);
   return expected_.unclaim(token, request_id, from);
 }
 
@@ -731,8 +724,9 @@ void Endpoint::arm_timer(uint64_t now) {
   if (awaited_hold_ <= now) awaited_hold_ = UINT64_MAX;
   next = std::min(next, awaited_hold_);
   for (auto& [serial, c] : conns_) {
-    next = std::min(next, c->expiry());
-    firm = std::min(firm, c->firm_expiry());
+    const Connection::Expiry e = c->expiry();
+    next = std::min(next, e.next);
+    firm = std::min(firm, e.firm);
   }
   // A deadline that moved later keeps the armed one: it fires early once and is re-armed then. Re-arming
   // on every change costs two timerfd_settime calls per message, which on this VM (the timer write

@@ -3,12 +3,13 @@
 The endpoint's I/O thread lives in C++ and runs its timers. The loop's thread reads the socket itself
 (``loop.add_reader`` on the native ``datagram_fd``, readable while datagrams wait): a datagram wakes
 this thread alone, where the I/O thread reading it and then waking this one cost ~0.1 ms more per
-message on a loaded VM. While the loop's thread is busy
-for long (:meth:`Endpoint.set_busy`) the I/O thread reads instead and reports through an eventfd, also
-watched with ``add_reader``, so nothing polls. Requests resolve futures; incoming frames are handed
-to the handler set with ``set_handler``. With ``TransportConfig(loop_reads_socket=False)`` the I/O
-thread always reads. Everything runs on the loop's thread except :meth:`Endpoint.send_soon` and
-:meth:`Endpoint.send_or_report`, which any thread may call (the native endpoint is thread-safe).
+message on a loaded VM. While the loop's thread is busy for long (:meth:`Endpoint.set_busy`) the I/O
+thread reads instead and reports through an eventfd, also watched with ``add_reader``, so nothing
+polls. Requests resolve futures; incoming frames are handed to the handler set with
+``set_handler``. With ``TransportConfig(loop_reads_socket=False)`` the I/O thread always reads.
+Everything runs on the loop's thread except :meth:`Endpoint.send_soon`,
+:meth:`Endpoint.send_or_report`, a prepared send and :meth:`Endpoint.await_frame`, which any thread
+may call (the native endpoint is thread-safe).
 """
 
 from __future__ import annotations
@@ -297,8 +298,8 @@ class Endpoint:
         result) has it with no wake-up and no hand-off from the loop's thread: ~110 us less of a
         step's way on the VM of docs/benchmarks.md. Meanwhile the datagrams it reads do not wake the
         loop's thread either (the native endpoint's datagram_fd, which the loop watches, leaves the
-        socket out while such a thread waits): that wake-up found them read, and its handling took a
-        CPU from the waiting thread (~30 us of a step per hop, docs/benchmarks.md)."""
+        socket out while such a thread waits): that wake-up found them read, took a CPU the waiting
+        thread could use, and cost the sender's ``sendmsg`` ~20 us (traced, docs/benchmarks.md)."""
         quiet = threading.get_ident() != self._loop_thread
         outcome, request_id, sender = self._native.await_expected(token, sleep_s, spin_s, quiet)
         if outcome == FrameWait.ARRIVED:
