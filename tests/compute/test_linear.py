@@ -76,8 +76,8 @@ def test_one_or_two_float32_rows_run_natively_within_their_rounding_bound(
     weight, x = torch.randn(out_features, in_features), torch.randn(rows, in_features)
     b = torch.randn(out_features) if bias else None
     projection = Projection(weight, b)
-    assert rows <= projection._native_rows and projection._native_fits(x)
-    y = projection(x)
+    assert projection._native_fits(x)
+    y = projection._native(x, rows)  # the kernel itself, also for a row count Projection gives MKL
     assert y.shape == (rows, out_features) and y.dtype == torch.float32
     exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
     # Summing in blocks of 64, each output takes at most 64 + blocks + 1 roundings of a float32 (unit
@@ -96,13 +96,13 @@ def test_the_native_row_reads_a_weight_moved_to_huge_pages() -> None:
     projection = Projection(weight)
     place_in_huge_pages([projection])
     assert projection._native_fits(x)
-    torch.testing.assert_close(projection(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(projection._native(x, 1), F.linear(x, weight), rtol=1e-5, atol=1e-5)
 
 
 @needs_native
 def test_many_torch_threads_keep_torchs_multi_threaded_linear(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(6)
-    weight, x = torch.randn(96, 40), torch.randn(1, 40)
+    weight, x = torch.randn(96, 40), torch.randn(2, 40)  # two rows: natively on every AVX-512 CPU
     projection = Projection(weight)
     calls = []
     monkeypatch.setattr(linear, "_NATIVE_MATVEC", lambda *args: calls.append(args))
@@ -118,10 +118,27 @@ def test_many_torch_threads_keep_torchs_multi_threaded_linear(monkeypatch: pytes
 
 
 def test_one_row_uses_torchs_linear_without_the_native_matvec(monkeypatch: pytest.MonkeyPatch) -> None:
-    # No native core, or a CPU without AVX-512 (or an Intel CPU: MKL runs AVX-512 there).
+    # No native core, or a CPU without AVX-512.
     monkeypatch.setattr(linear, "_NATIVE_MATVEC", None)
-    monkeypatch.setattr(linear, "_NATIVE_MAX_ROWS", 0)
+    monkeypatch.setattr(linear, "_NATIVE_ROWS", frozenset())
     torch.manual_seed(5)
     weight, x = torch.randn(96, 40), torch.randn(1, 40)
     projection = Projection(weight)
     assert torch.equal(projection(x), F.linear(x, projection.weight))
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_the_row_counts_chosen_for_the_native_kernel_run_on_it(
+    monkeypatch: pytest.MonkeyPatch, rows: int
+) -> None:
+    # One row goes to MKL where MKL runs AVX-512 (Intel CPUs), to the kernel elsewhere; two rows
+    # always to the kernel (it reads the weight once for both); three to torch.
+    calls = []
+    kernel = linear._NATIVE_MATVEC
+    monkeypatch.setattr(linear, "_NATIVE_MATVEC", lambda *args: calls.append(args) or kernel(*args))
+    torch.manual_seed(7)
+    weight, x = torch.randn(96, 40), torch.randn(rows, 40)
+    y = Projection(weight)(x)
+    assert len(calls) == (rows == 2 or (rows == 1 and not linear._MKL_RUNS_AVX512))
+    torch.testing.assert_close(y, F.linear(x, weight), rtol=1e-5, atol=1e-5)

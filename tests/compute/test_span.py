@@ -72,6 +72,12 @@ def tiny(tiny_model_dir) -> tuple[Span, ClientHead]:
     return Span.load(model_dir, 0, 4, progress=False), ClientHead.load(model_dir)
 
 
+def assert_same_states(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    """Equal to float32 rounding: batches and single rows, decodes and prefills take different
+    kernels (summation orders), which differ by units in the last place (~1e-6 of values up to ~10)."""
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
 def run_alone(span: Span, head: ClientHead, prompt: list[int], steps: list[int]) -> list[torch.Tensor]:
     cache = span.cache_manager(1 << 22).allocate("alone", 64)
     outputs = [span.prefill(head.embed(prompt), cache)[-1]]
@@ -100,7 +106,7 @@ def test_batched_decode_matches_single_sessions(tiny) -> None:
             got[sid].append(out[row])
     for sid in prompts:
         for ours, alone in zip(got[sid], expected[sid], strict=True):
-            assert (ours - alone).abs().max().item() < 1e-5, sid
+            assert_same_states(ours, alone)
     assert [caches[sid].length for sid in ("a", "b", "c")] == [7, 13, 4]
 
 
@@ -129,8 +135,8 @@ def test_truncate_and_replay_reproduce_the_states(tiny) -> None:
     cache.truncate(5)  # forget positions 5..9, then replay 5..8 (as after a failover)
     replayed = span.prefill(head.embed(TOKENS[5:9]), cache)[-1]
     assert cache.length == 9
-    assert (replayed - original).abs().max().item() < 1e-5
-    assert (replayed - run_alone(span, head, TOKENS[:9], [])[0]).abs().max().item() < 1e-5
+    assert_same_states(replayed, original)
+    assert_same_states(replayed, run_alone(span, head, TOKENS[:9], [])[0])
     assert (replayed - later).abs().max().item() > 1e-2  # the comparison can tell states apart
 
 
