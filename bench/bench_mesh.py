@@ -27,6 +27,7 @@ aggregate decode tokens/s with 1, 4 and 16 concurrent sessions, stepped two ways
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import threading
@@ -161,6 +162,16 @@ def hops_generating_alone(
     return per_hop_overheads(chains, workers_step_times(client, swarm))
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo): the targets' figures differ from one host to another."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else 'unknown CPU'}, {os.cpu_count()} CPUs"
+
+
 def print_hops(hops: list[float], how: str) -> None:
     quartiles = statistics.quantiles(hops, n=4)
     print(
@@ -283,7 +294,8 @@ def main() -> None:
     args = parser.parse_args()
     model_dir = args.model_path or prepare_model("smollm2")
     torch.set_num_threads(args.threads)
-    print(f"torch threads: {args.threads} in this process and in each worker; device: {args.device}")
+    print(f"{cpu_model()}; torch threads: {args.threads} in this process and in each worker")
+    print(f"device: {args.device}")
 
     with tempfile.TemporaryDirectory() as logs:
         swarm = LocalSwarm(Path(logs))
