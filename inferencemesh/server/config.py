@@ -51,7 +51,7 @@ class WorkerConfig:
     busy_poll_us: float = setting(
         1000.0,
         "while serving a single session, busy-poll the socket at least this long either side of when "
-        "its next decode step is due, up to 4x as long when its steps come less regularly (a step "
+        "its next decode step is due, up to 10x as long when its steps come less regularly (a step "
         "landing on a running thread skips a wake-up); 0: never",
     )
     max_request_tokens: int = setting(8192, "most tokens one step or forward may carry")

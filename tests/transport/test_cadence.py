@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from inferencemesh.transport.cadence import ARRIVALS_KEPT, MISSES_FOR_SPREAD, Cadence
+from inferencemesh.transport.cadence import ARRIVALS_KEPT, MISSES_FOR_SPREAD, WIDEST, Cadence
 
 
 def test_the_next_message_is_due_one_median_gap_after_the_latest() -> None:
@@ -59,7 +59,8 @@ def test_the_window_widens_to_how_far_the_latest_messages_missed_and_no_further_
         cadence.note((start + end) / 2 + miss)  # the window is symmetric until the spread is known
     due = cadence.next_due()
     assert cadence.next_window(0.001) == pytest.approx((due - 0.0025, due + 0.0035))
-    assert cadence.next_window(0.0005) == pytest.approx((due - 0.002, due + 0.002))  # 4x the least
+    least = 0.002 / WIDEST  # WIDEST times it is 2 ms, less than either side's spread
+    assert cadence.next_window(least) == pytest.approx((due - 0.002, due + 0.002))
     cadence.reset()
     steady(cadence, 0.020, ARRIVALS_KEPT, start=5.0)
     assert cadence.next_window(0.001) == pytest.approx((5.099, 5.101))  # the spread went with it
