@@ -18,7 +18,7 @@ MISSES_KEPT = 16
 MISSES_FOR_SPREAD = 8
 # A window reaches at most this many times its least width either side of the due time. On a noisy
 # host the steps spread wider than 4x a 1 ms least: there, capped at 4x, the workers' windows caught
-# 40-108 of 240 steps a round, capped at 10x 86-159, and the hop cost 8-18 % less (docs/benchmarks.md).
+# 40-108 of 240 steps a round, capped at 10x 86-159, and the hop cost 7-18 % less (docs/benchmarks.md).
 WIDEST = 10.0
 
 
