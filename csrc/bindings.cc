@@ -1,22 +1,22 @@
-// The Python module inferencemesh._core: the data plane (frames, buffers, QUIC) and one compute kernel
-// (csrc/matvec.h). Each area registers its own bindings; blocking and bulk native work runs with the
+// The Python module inferencemesh._core: the data plane (frames, buffers, QUIC) and two compute kernels
+// (csrc/matvec.h, csrc/rms_norm.h). Each area registers its own bindings; blocking and bulk native work runs with the
 // GIL released.
 #include <pybind11/pybind11.h>
 
 #include "bind_frame.h"
 
 namespace im {
-void bind_matvec(pybind11::module_& m);
+void bind_kernels(pybind11::module_& m);
 #ifdef IM_HAVE_QUIC
 void bind_quic(pybind11::module_& m);
 #endif
 }  // namespace im
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "InferenceMesh native data plane: zero-copy frames, buffer pool, QUIC endpoint; a float32 matvec.";
+  m.doc() = "InferenceMesh native data plane: zero-copy frames, buffer pool, QUIC endpoint; float32 matvec and RMS norm kernels.";
   im::bind_buffer_pool(m);
   im::bind_frame(m);
-  im::bind_matvec(m);
+  im::bind_kernels(m);
 #ifdef IM_HAVE_QUIC
   im::bind_quic(m);
 #endif
