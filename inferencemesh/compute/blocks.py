@@ -131,9 +131,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
             # Intel VM (csrc/rms_norm.h). The kernel reads raw memory, hence the checks above.
             y = torch.empty_like(x)
             dim = weight.shape[0]
-            _NATIVE_RMS_NORM(
-                x.data_ptr(), x.numel() // dim if dim else 0, dim, weight.data_ptr(), eps, y.data_ptr()
-            )
+            _NATIVE_RMS_NORM(x.data_ptr(), x.numel() // dim, dim, weight.data_ptr(), eps, y.data_ptr())
             return y
         return F.rms_norm(x, weight.shape, weight, eps)
     # Reduced precision: normalise in float32, round, then scale. This is transformers' rounding
