@@ -264,9 +264,7 @@ class DistributedModelForCausalLM:
         steps as one burst, which the workers compute as one batch."""
         decoding = len(inputs) > 1 and all(len(ids) == 1 for ids in inputs.values())
         burst = (self.runtime.new_burst(), len(inputs)) if decoding else None
-        return {
-            index: remotes[index].begin_step(self.embed(ids), burst) for index, ids in inputs.items()
-        }
+        return {index: remotes[index].begin_step(self.embed(ids), burst) for index, ids in inputs.items()}
 
     def embed(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Token ids -> the hidden states a step sends: float32 in host memory, whatever the head's

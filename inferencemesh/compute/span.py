@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from inferencemesh.compute.attention import NativeDecodeAttention, runs_natively
 from inferencemesh.compute.blocks import BlockWeights, block_tensor_names, load_block, rms_norm
 from inferencemesh.compute.config import ModelConfig
 from inferencemesh.compute.devices import resolve_device
@@ -23,9 +24,9 @@ from inferencemesh.compute.kv_cache import KVCacheManager, SessionCache
 from inferencemesh.compute.rope import RopeTable, apply_rope
 from inferencemesh.compute.weights import WeightFiles
 
-# attend(block_position, q [N, heads, head_dim], k [N, kv_heads, head_dim], v [N, kv_heads, head_dim])
+# attend(block_position, qkv [N, q_size + 2 * kv_size], the block's fused projection, before the rope)
 # -> attention output [N, heads * head_dim]
-AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+AttendFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def parse_block_range(text: str, num_layers: int) -> tuple[int, int]:
@@ -144,7 +145,8 @@ class Span:
             key_positions = torch.arange(end, device=self.device)
             mask = key_positions[None, :] <= torch.arange(start, end, device=self.device)[:, None]
 
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
+            q, k, v = self._rotated_heads(qkv, cos, sin)
             cache.keys[layer, :, start:end] = k.transpose(0, 1)
             cache.values[layer, :, start:end] = v.transpose(0, 1)
             out = F.scaled_dot_product_attention(
@@ -157,7 +159,7 @@ class Span:
             )
             return out[0].transpose(0, 1).reshape(num_tokens, -1)
 
-        output = self._forward(hidden, cos, sin, attend)
+        output = self._forward(hidden, attend)
         cache.length = end
         cache.touch()
         return output
@@ -186,14 +188,40 @@ class Span:
             cache.check_room(1)
         positions = [cache.length for cache in caches]
         self._rope.ensure(max(positions) + 1)
+        attend: AttendFn
+        if runs_natively(self._rope, caches):
+            attend = NativeDecodeAttention(self.config, self._rope, caches, positions)
+        else:
+            attend = self._torch_decode_attention(caches, positions)
+        output = self._forward(hidden, attend, out)
+        for cache in caches:
+            cache.length += 1
+            cache.touch()
+        return output
+
+    def _forward(self, x: torch.Tensor, attend: AttendFn, out: torch.Tensor | None = None) -> torch.Tensor:
+        eps = self.config.rms_norm_eps
+        inter = self.config.intermediate_size
+        last = len(self.blocks) - 1
+        for layer, block in enumerate(self.blocks):
+            qkv = block.qkv(rms_norm(x, block.attn_norm, eps))
+            x = x + block.o(attend(layer, qkv))
+            gate_up = block.gate_up(rms_norm(x, block.mlp_norm, eps))
+            mlp = block.down(F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+            x = torch.add(x, mlp, out=out) if layer == last and out is not None else x + mlp
+        return x
+
+    def _torch_decode_attention(self, caches: Sequence[SessionCache], positions: list[int]) -> AttendFn:
+        """Decode attention in torch ops, for what the native kernel does not take (other dtypes, CUDA)."""
         if len(caches) == 1:
             index: slice | torch.Tensor = slice(positions[0], positions[0] + 1)
         else:
             index = torch.tensor(positions, device=self.device)
         cos, sin = self._rope.cos[index].unsqueeze(1), self._rope.sin[index].unsqueeze(1)
 
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
             # Attention is per session (each has its own length); everything else runs batched.
+            q, k, v = self._rotated_heads(qkv, cos, sin)
             # 4-D inputs with enable_gqa select torch's fused CPU kernel and give the same bits as
             # transformers' repeat_kv + SDPA (a 3-D call falls back to a slower unfused path).
             outputs = []
@@ -211,38 +239,19 @@ class Span:
                     )
             return torch.stack(outputs).view(len(caches), -1)
 
-        output = self._forward(hidden, cos, sin, attend, out)
-        for cache in caches:
-            cache.length += 1
-            cache.touch()
-        return output
+        return attend
 
-    def _forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        attend: AttendFn,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def _rotated_heads(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[N, heads, head_dim]`` and k ``[N, kv_heads, head_dim]`` rotated, and v, from ``qkv``."""
         config = self.config
-        rows = x.shape[0]
-        heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        q_size, kv_size = config.q_size, config.kv_size
-        eps = config.rms_norm_eps
-        inter = config.intermediate_size
-        last = len(self.blocks) - 1
-        for layer, block in enumerate(self.blocks):
-            qkv = block.qkv(rms_norm(x, block.attn_norm, eps))
-            # q and k heads are adjacent in the fused projection: one rope call rotates both.
-            rotated = apply_rope(qkv[:, : q_size + kv_size].view(rows, heads + kv_heads, head_dim), cos, sin)
-            q, k = rotated[:, :heads], rotated[:, heads:]
-            v = qkv[:, q_size + kv_size :].view(rows, kv_heads, head_dim)
-            x = x + block.o(attend(layer, q, k, v))
-            gate_up = block.gate_up(rms_norm(x, block.mlp_norm, eps))
-            mlp = block.down(F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
-            x = torch.add(x, mlp, out=out) if layer == last and out is not None else x + mlp
-        return x
+        rows, heads, kv_heads = qkv.shape[0], config.num_heads, config.num_kv_heads
+        q_and_k = config.q_size + config.kv_size
+        # q and k heads are adjacent in the fused projection: one rope call rotates both.
+        rotated = apply_rope(qkv[:, :q_and_k].view(rows, heads + kv_heads, config.head_dim), cos, sin)
+        v = qkv[:, q_and_k:].view(rows, kv_heads, config.head_dim)
+        return rotated[:, :heads], rotated[:, heads:], v
 
     @contextmanager
     def _serial_small_kernels(self) -> Iterator[None]:

@@ -48,3 +48,13 @@ def smollm2_local(smollm2_dir: Path) -> Any:
     from inferencemesh.compute.generation import LocalModel
 
     return LocalModel.load(smollm2_dir, splits=SMOLLM2_SPLITS, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir: Callable[[str], Path]) -> tuple[Any, Any]:
+    """A tiny Qwen2's blocks 1-4 as one span, and its client head."""
+    from inferencemesh.compute.head import ClientHead
+    from inferencemesh.compute.span import Span
+
+    model_dir = tiny_model_dir("qwen2")
+    return Span.load(model_dir, 0, 4, progress=False), ClientHead.load(model_dir)

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from compute_models import TOKENS, assert_same_states
 
 from inferencemesh.compute.errors import CacheOverflow, InvalidModelDirectory, InvalidSpan
 from inferencemesh.compute.head import ClientHead
 from inferencemesh.compute.span import Span, format_block_range, parse_block_range
-
-TOKENS = [5, 17, 99, 3, 250, 42, 7, 128, 64, 11, 300, 2]
 
 
 def test_block_ranges_are_one_based_inclusive() -> None:
@@ -64,18 +63,6 @@ def test_unneeded_shards_are_never_opened(tiny_model_dir, tmp_path: Path) -> Non
 def test_span_must_be_within_the_model(tiny_model_dir) -> None:
     with pytest.raises(InvalidSpan):
         Span.load(tiny_model_dir("llama"), 2, 5, progress=False)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir) -> tuple[Span, ClientHead]:
-    model_dir = tiny_model_dir("qwen2")
-    return Span.load(model_dir, 0, 4, progress=False), ClientHead.load(model_dir)
-
-
-def assert_same_states(ours: torch.Tensor, reference: torch.Tensor) -> None:
-    """Equal to float32 rounding: batches and single rows, decodes and prefills take different
-    kernels (summation orders), which differ by units in the last place (~1e-6 of values up to ~10)."""
-    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
 def run_alone(span: Span, head: ClientHead, prompt: list[int], steps: list[int]) -> list[torch.Tensor]:
