@@ -53,6 +53,8 @@ class NativeDecodeAttention:
     def __init__(
         self, config: ModelConfig, rope: RopeTable, caches: Sequence[SessionCache], positions: Sequence[int]
     ) -> None:
+        if max(positions, default=0) >= rope.cos.shape[0]:
+            raise ValueError(f"the rope table ends before position {max(positions)}: call rope.ensure first")
         self._heads, self._kv_heads, self._head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self._width = config.q_size + 2 * config.kv_size
         self._q_size = config.q_size

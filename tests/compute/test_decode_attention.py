@@ -158,3 +158,12 @@ def test_bfloat16_decode_stays_on_torch(smollm2_dir, monkeypatch: pytest.MonkeyP
     cache = span.cache_manager(1 << 22).allocate("s", 8)
     span.prefill(torch.randn(3, span.config.hidden_size), cache)
     assert span.decode(torch.randn(1, span.config.hidden_size), [cache]).dtype == torch.bfloat16
+
+
+@needs_kernel
+def test_positions_past_the_rope_table_are_refused(tiny) -> None:
+    span, _ = tiny
+    cache = span.cache_manager(1 << 22).allocate("s", 8)
+    span._rope.ensure(4)
+    with pytest.raises(ValueError, match="rope table ends"):
+        attention.NativeDecodeAttention(span.config, span._rope, [cache], [span._rope.cos.shape[0]])
