@@ -9,10 +9,14 @@
 #define IM_ATTENTION_AVX512 1
 // GCC 12's AVX-512 headers seed some intrinsics (max, roundscale, scalef, reductions) with an
 // undefined vector and then warn that it may be uninitialised (GCC bug 105593, fixed in 13).
+#if defined(__clang__)
+#include <immintrin.h>
+#else
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #pragma GCC diagnostic pop
+#endif
 #endif
 
 namespace im {
