@@ -1,8 +1,9 @@
 """Decode attention on the native kernel: one call per sequence and block for float32 on the CPU.
 
-A decode step's attention for one sequence is tiny arithmetic (a 100-token context: ~6 us), but in
-torch it is a chain of ~25 dispatched ops (the rope, two indexed cache writes, SDPA and its views),
-~200 us a block on an Intel Xeon VM, ~12 % of the step. ``_core.decode_attention_f32`` does the
+A decode step's attention for one sequence is little arithmetic (the kernel: ~14 us a block at 37
+cached positions, ~110 at 1000), but in torch it is a chain of ~25 dispatched ops (the rope, two
+indexed cache writes, SDPA and its views), ~170-380 us a block on an Intel Xeon VM: 11-14 % of a
+30-block step there (``python bench/bench_attention.py``). ``_core.decode_attention_f32`` does the
 rope, the cache writes and the attention in one pass (csrc/decode_attention.h). Other dtypes and
 devices keep torch's path in compute/span.py.
 """
