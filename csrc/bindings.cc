@@ -1,6 +1,6 @@
-// The Python module inferencemesh._core: the data plane (frames, buffers, QUIC) and two compute kernels
-// (csrc/matvec.h, csrc/rms_norm.h). Each area registers its own bindings; blocking and bulk native work runs with the
-// GIL released.
+// The Python module inferencemesh._core: the data plane (frames, buffers, QUIC) and the compute kernels
+// (csrc/matvec.h, csrc/rms_norm.h, csrc/decode_attention.h). Each area registers its own bindings;
+// blocking and bulk native work runs with the GIL released.
 #include <pybind11/pybind11.h>
 
 #include "bind_frame.h"
@@ -13,7 +13,7 @@ void bind_quic(pybind11::module_& m);
 }  // namespace im
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "InferenceMesh native data plane: zero-copy frames, buffer pool, QUIC endpoint; float32 matvec and RMS norm kernels.";
+  m.doc() = "InferenceMesh native data plane: zero-copy frames, buffer pool, QUIC endpoint; float32 matvec, RMS norm and decode attention kernels.";
   im::bind_buffer_pool(m);
   im::bind_frame(m);
   im::bind_kernels(m);

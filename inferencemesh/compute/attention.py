@@ -16,17 +16,16 @@ import torch
 
 from inferencemesh.compute.config import ModelConfig
 from inferencemesh.compute.kv_cache import SessionCache
+from inferencemesh.compute.native import native_core
 from inferencemesh.compute.rope import RopeTable
 
 
 def _native_kernel() -> Callable[..., None] | None:
-    """``_core.decode_attention_f32``, or None without the native core (compute runs without it) or
-    on a CPU without AVX-512F."""
-    try:
-        from inferencemesh import _core
-    except ImportError:
+    """``_core.decode_attention_f32``, or None without the native core or on a CPU without AVX-512F."""
+    core = native_core()
+    if core is None or not core.decode_attention_f32_supported():
         return None
-    return _core.decode_attention_f32 if _core.decode_attention_f32_supported() else None
+    return core.decode_attention_f32
 
 
 _NATIVE_DECODE_ATTENTION = _native_kernel()
@@ -68,7 +67,7 @@ class NativeDecodeAttention:
                 rope.sin.data_ptr() + position * table_row,
                 cache.keys.data_ptr(),
                 cache.values.data_ptr(),
-                cache.keys[0].numel() * _FLOAT32_BYTES,
+                cache.keys.stride(0) * _FLOAT32_BYTES,
                 cache.max_length,
                 position,
             )

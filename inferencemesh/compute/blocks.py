@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from inferencemesh.compute.config import ModelConfig
 from inferencemesh.compute.errors import InvalidModelDirectory
 from inferencemesh.compute.linear import Projection
+from inferencemesh.compute.native import native_core
 from inferencemesh.compute.weights import WeightFiles
 
 
@@ -103,16 +104,8 @@ def load_block(
     )
 
 
-def _native_rms_norm() -> Callable[..., None] | None:
-    """``_core.rms_norm_f32``, or None without the native core (compute runs without the data plane)."""
-    try:
-        from inferencemesh import _core
-    except ImportError:
-        return None
-    return _core.rms_norm_f32
-
-
-_NATIVE_RMS_NORM = _native_rms_norm()
+# ``_core.rms_norm_f32``, or None without the native core.
+_NATIVE_RMS_NORM: Callable[..., None] | None = getattr(native_core(), "rms_norm_f32", None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

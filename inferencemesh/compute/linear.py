@@ -39,6 +39,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from inferencemesh.compute.native import native_core
+
 
 def _mkl_runs_avx512() -> bool:
     """Whether torch's MKL runs its AVX-512 code here: on Intel CPUs it does, and there it streams a
@@ -80,22 +82,19 @@ def _native_matvec() -> tuple[Callable[..., None] | None, int]:
     """``_core.matvec_f32`` and the most rows it takes, or (None, 0) without the native core, on a
     CPU without AVX-512, or where it gives a wrong product (checked once, with fixed values, against
     ``F.linear``)."""
-    try:
-        from inferencemesh import _core
-    except ImportError:  # compute runs without the data plane's native module
-        return None, 0
-    if not _core.matvec_f32_supported():
+    core = native_core()
+    if core is None or not core.matvec_f32_supported():
         return None, 0
     # 70 outputs, 100 inputs: full and masked vector lanes, a full and a partial block of inputs.
     weight = torch.linspace(-1.0, 1.0, 100 * 70).reshape(100, 70).t()  # column-major [70, 100]
     bias = torch.linspace(0.0, 1.0, 70)
-    for rows in range(1, _core.MATVEC_MAX_ROWS + 1):
+    for rows in range(1, core.MATVEC_MAX_ROWS + 1):
         x = torch.linspace(-2.0, 2.0, rows * 100).reshape(rows, 100)
         y = torch.empty(rows, 70)
-        _core.matvec_f32(weight.data_ptr(), 100, 70, x.data_ptr(), rows, bias.data_ptr(), y.data_ptr())
+        core.matvec_f32(weight.data_ptr(), 100, 70, x.data_ptr(), rows, bias.data_ptr(), y.data_ptr())
         if not torch.allclose(y, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5):
             return None, 0
-    return _core.matvec_f32, _core.MATVEC_MAX_ROWS
+    return core.matvec_f32, core.MATVEC_MAX_ROWS
 
 
 _NATIVE_MATVEC, _NATIVE_MAX_ROWS = _native_matvec()
