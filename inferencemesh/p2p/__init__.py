@@ -9,7 +9,7 @@ from inferencemesh.p2p.announcer import Announcer, AnnounceReport
 from inferencemesh.p2p.errors import AddressError, IdentityError, NoRouteError, P2PError, RecordError
 from inferencemesh.p2p.identity import Identity, peer_id_of, short_id
 from inferencemesh.p2p.lookup import ModelStatus, SwarmStatus, find_block_providers, swarm_status
-from inferencemesh.p2p.node import DHTConfig, DHTNode
+from inferencemesh.p2p.node import DHTConfig, DHTNode, StoreResult
 from inferencemesh.p2p.records import ProviderEntry
 from inferencemesh.p2p.routing import CostModel, Hop, Route, plan_route
 
@@ -30,6 +30,7 @@ __all__ = [
     "ProviderEntry",
     "RecordError",
     "Route",
+    "StoreResult",
     "SwarmStatus",
     "find_block_providers",
     "parse_peer_address",

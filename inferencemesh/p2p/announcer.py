@@ -5,6 +5,11 @@ the span, the model directory, the models index) at start, then every third of t
 survives two missed refreshes. Storing nodes never republish, so a worker that dies disappears at
 most one TTL later; one that stops cleanly publishes a withdrawal (a tombstone with a newer seq)
 that replaces its entry everywhere at once.
+
+A key whose closest nodes did not all answer the store (busy, a lost reply, backed off after one) is
+stored again after 2, 4, 8... seconds (doubling from the DHT's back-off, so the nodes that timed out
+are asked again) until they all have it or the next publish replaces the entry: a lookup reads the
+first holders that answer, and one that missed the entry would hide this worker from it until then.
 """
 
 from __future__ import annotations
@@ -13,10 +18,10 @@ import asyncio
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from inferencemesh.p2p.identity import Identity
-from inferencemesh.p2p.node import DHTNode
+from inferencemesh.p2p.node import DHTNode, StoreResult
 from inferencemesh.p2p.records import MAX_RTTS, ProviderEntry, sign_entry
 
 log = logging.getLogger(__name__)
@@ -28,10 +33,22 @@ DEFAULT_TTL = 60.0
 class AnnounceReport:
     accepted: dict[str, int]  # key name -> how many nodes stored the entry
     seconds: float
+    unreached: dict[str, int] = field(default_factory=dict)  # key name -> closest nodes that missed it
+
+    @classmethod
+    def of(cls, results: dict[str, StoreResult], seconds: float) -> AnnounceReport:
+        accepted = {key: result.accepted for key, result in results.items()}
+        unreached = {key: result.unreached for key, result in results.items() if result.unreached}
+        return cls(accepted, seconds, unreached)
 
     @property
     def failed_keys(self) -> list[str]:
         return [key for key, count in self.accepted.items() if count == 0]
+
+    @property
+    def keys_to_repair(self) -> list[str]:
+        """Keys stored nowhere or missed by some of their closest nodes."""
+        return [key for key, count in self.accepted.items() if count == 0 or key in self.unreached]
 
 
 class Announcer:
@@ -79,6 +96,7 @@ class Announcer:
         )
         sign_entry(self._entry, identity)  # reject bad fields here, not in the refresh loop
         self._refresher: asyncio.Task[None] | None = None
+        self._repairer: asyncio.Task[None] | None = None
         self._publishing = asyncio.Lock()
 
     @property
@@ -120,6 +138,7 @@ class Announcer:
     async def publish(self, *, withdrawn: bool = False) -> AnnounceReport:
         """Sign the entry with a new seq and expiry and store it under all its keys."""
         async with self._publishing:
+            await self._stop_repairs()  # they re-store the entry this publish replaces
             started = time.monotonic()
             now = time.time()
             # Microseconds since the epoch: a restarted worker's seq is above its previous life's.
@@ -128,14 +147,13 @@ class Announcer:
                 self._entry, seq=seq, expiry=now + self.ttl, withdrawn=withdrawn
             )
             wire = sign_entry(self._entry, self.identity)
-            keys = self._entry.key_names
-            counts = await asyncio.gather(*(self.node.store_entry(key, wire) for key in keys))
-            accepted = dict(zip(keys, counts, strict=True))
-            retry = [key for key, count in accepted.items() if count == 0]
+            results = await self._store(self._entry.key_names, wire)
+            retry = [key for key, result in results.items() if result.accepted == 0]
             if retry:  # one more try for keys no node took (lost datagrams, a stale routing table)
-                counts = await asyncio.gather(*(self.node.store_entry(key, wire) for key in retry))
-                accepted.update(zip(retry, counts, strict=True))
-            report = AnnounceReport(accepted, time.monotonic() - started)
+                results.update(await self._store(retry, wire))
+            report = AnnounceReport.of(results, time.monotonic() - started)
+            if report.keys_to_repair and not withdrawn:  # a withdrawal is the worker's last word
+                self._repairer = asyncio.ensure_future(self._repair(report.keys_to_repair, wire))
         if report.failed_keys:
             log.warning(
                 "announce of %s blocks %d-%d: %d of %d keys stored nowhere",
@@ -143,9 +161,20 @@ class Announcer:
                 self._entry.span_start,
                 self._entry.span_end - 1,
                 len(report.failed_keys),
-                len(keys),
+                len(report.accepted),
             )
         return report
+
+    async def settled(self) -> None:
+        """Wait until the repairs of the last publish are done (at once when it needed none)."""
+        while True:
+            async with self._publishing:  # a publish under way decides whether repairs follow
+                repairer = self._repairer
+            if repairer is None:
+                return
+            await asyncio.gather(repairer, return_exceptions=True)
+            if repairer is self._repairer:  # finished, not cancelled by a newer publish
+                return
 
     async def stop(self) -> AnnounceReport:
         """Stop refreshing and publish a withdrawal, so storing nodes drop the entry now."""
@@ -154,6 +183,27 @@ class Announcer:
             await asyncio.gather(self._refresher, return_exceptions=True)
             self._refresher = None
         return await self.publish(withdrawn=True)
+
+    async def _store(self, keys: list[str], wire: bytes) -> dict[str, StoreResult]:
+        results = await asyncio.gather(*(self.node.store_entry(key, wire) for key in keys))
+        return dict(zip(keys, results, strict=True))
+
+    async def _repair(self, keys: list[str], wire: bytes) -> None:
+        delay = self.node.config.backoff_base
+        waited = 0.0
+        while keys and waited + delay < self.ttl:  # a refresh replaces it sooner; the TTL bounds it
+            await asyncio.sleep(delay)
+            waited += delay
+            delay *= 2
+            report = AnnounceReport.of(await self._store(keys, wire), 0.0)
+            log.debug("re-stored %d keys; %d still short", len(keys), len(report.keys_to_repair))
+            keys = report.keys_to_repair
+
+    async def _stop_repairs(self) -> None:
+        if self._repairer is not None:
+            self._repairer.cancel()
+            await asyncio.gather(self._repairer, return_exceptions=True)
+            self._repairer = None
 
     async def _refresh_forever(self) -> None:
         while True:

@@ -22,6 +22,7 @@ from inferencemesh.p2p.protocol import MeshProtocol, RpcResult
 class LookupResult:
     nearest: list[Node]  # the closest nodes that answered (or were not asked), nearest first
     values: list[bytes] = field(default_factory=list)  # raw values, one per holder that had one
+    unanswered: list[Node] = field(default_factory=list)  # asked, gave no reply (or were backed off)
 
 
 async def iterative_find(
@@ -42,6 +43,7 @@ async def iterative_find(
     nearest = NodeHeap(target_node, width)
     nearest.push(protocol.router.find_neighbors(target_node, k=protocol.router.ksize))
     values: list[bytes] = []
+    unanswered: list[Node] = []
     in_flight: dict[asyncio.Future[RpcResult], Node] = {}
     try:
         while len(values) < quorum or not find_value:
@@ -57,6 +59,7 @@ async def iterative_find(
                 ok, reply = future.result()
                 if not ok:
                     nearest.remove([peer.id])
+                    unanswered.append(peer)
                 elif find_value and isinstance(reply, dict) and isinstance(reply.get("value"), bytes):
                     values.append(reply["value"])
                 else:
@@ -64,7 +67,7 @@ async def iterative_find(
     finally:
         for future in in_flight:
             future.cancel()
-    return LookupResult(list(nearest), values)
+    return LookupResult(list(nearest), values, unanswered)
 
 
 def _contacts(reply: object, own_id: bytes, limit: int) -> list[Node]:

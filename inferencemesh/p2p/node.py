@@ -50,6 +50,12 @@ class DHTConfig:
     refresh_interval: float = 600.0  # how often buckets idle for an hour are refreshed (paper: hourly)
 
 
+@dataclass(frozen=True)
+class StoreResult:
+    accepted: int  # nodes (this one included) that took the entry
+    unreached: int  # of the `replication` closest nodes found, those that did not answer the store
+
+
 class DHTNode:
     """One DHT node. Create it with :meth:`start`; close it with :meth:`close`."""
 
@@ -209,10 +215,10 @@ class DHTNode:
         )
 
     # ---------------------------------------------------------------- storing
-    async def store_entry(self, key_name: str, wire: bytes) -> int:
-        """Store one signed entry under ``key_name`` on the closest nodes; returns how many accepted it.
+    async def store_entry(self, key_name: str, wire: bytes) -> StoreResult:
+        """Store one signed entry under ``key_name`` on the closest nodes it can reach.
 
-        Never raises for network trouble: 0 means no node (not even this one) took it.
+        Never raises for network trouble: ``accepted == 0`` means no node (not even this one) took it.
         """
         assert self.protocol is not None
         dkey = dht_key(key_name)
@@ -231,7 +237,19 @@ class DHTNode:
                 accepted += 1
             except RecordError as exc:
                 log.debug("refused own entry under %s: %s", key_name, exc)
-        return accepted
+        silent = found.unanswered + [n for n, (ok, _) in zip(targets, replies, strict=True) if not ok]
+        return StoreResult(accepted, self._count_closest(dkey, targets, silent))
+
+    def _count_closest(self, dkey: bytes, targets: Sequence[Node], silent: Sequence[Node]) -> int:
+        """How many of ``silent`` rank among the ``replication`` closest of ``targets + silent``.
+
+        Those are the holders a lookup asks first; one that missed the store (it was busy, a reply
+        was lost, or it is dead) may answer a lookup without the entry.
+        """
+        keynode = Node(dkey)
+        silent_ids = {n.id for n in silent}
+        ranked = sorted({n.id: n for n in [*targets, *silent]}.values(), key=lambda n: n.distance_to(keynode))
+        return sum(1 for n in ranked[: self.config.replication] if n.id in silent_ids)
 
     def _should_hold(self, dkey: bytes, targets: Sequence[Node]) -> bool:
         """A server node keeps an entry itself when it is among the ``replication`` closest nodes."""

@@ -115,9 +115,12 @@ class MeshProtocol(KademliaProtocol):
         if not result[0]:
             log.debug("no reply from %s after %d tries; evicting and backing off", node, 1 + self.rpc_retries)
             self.router.remove_contact(node)
-            delay = self._backoff.get(address, (0.0, self.backoff_base / 2))[1] * 2
-            delay = min(delay, self.backoff_max)
-            self._backoff[address] = (time.monotonic() + delay, delay)
+            until, delay = self._backoff.get(address, (0.0, self.backoff_base / 2))
+            # Calls sent together fail together (a burst of 30 lookups caught one busy moment):
+            # they count as one failure, or that moment would back the node off for minutes.
+            if time.monotonic() >= until:
+                delay = min(delay * 2, self.backoff_max)
+                self._backoff[address] = (time.monotonic() + delay, delay)
             return result
         self._backoff.pop(address, None)
         self.welcome_if_new(node)

@@ -133,11 +133,13 @@ class Worker:
         )
         report = await self.announcer.start()
         log.info(
-            "serving on quic %s, dht %s; announced %d keys (%d stored nowhere yet)",
+            "serving on quic %s, dht %s; announced %d keys (%d stored nowhere yet, %d to re-store "
+            "on closest nodes that did not answer)",
             address,
             self.dht.address,
             len(report.accepted),
             len(report.failed_keys),
+            len(report.keys_to_repair),
         )
         self._maintenance = asyncio.create_task(self._maintain())
 

@@ -7,8 +7,8 @@ Run as ``python swarm_proc.py CONFIG_JSON``. CONFIG_JSON keys:
   ttl            announce TTL in seconds
   start_at       unix time at which all workers announce at once (so several processes race)
   rpc_timeout    per-attempt RPC timeout
-Prints one JSON line when ready: {"nodes": [{"peer_id", "address"}], "workers": [{"peer_id",
-"min_accepted"}]}. Then reads JSON commands from stdin, one per line:
+Prints one JSON line when ready (announced, and any repairs done): {"nodes": [{"peer_id",
+"address"}], "workers": [{"peer_id", "min_accepted"}]}. Then reads JSON commands from stdin, one per line:
   {"cmd": "withdraw", "worker": I}  -> stops worker I cleanly, prints {"withdrawn": I, "min_accepted"}
 End of stdin closes everything and exits; the tests kill the process to simulate a crash.
 """
@@ -42,6 +42,7 @@ async def main(config: dict) -> None:
         ))
     await asyncio.sleep(max(0.0, config.get("start_at", 0.0) - time.time()))
     reports = await asyncio.gather(*(a.start() for a in announcers))
+    await asyncio.gather(*(a.settled() for a in announcers))  # keys the closest nodes missed, re-stored
     _say({
         "nodes": [{"peer_id": n.peer_id.hex(), "address": n.address} for n in nodes],
         "workers": [{"peer_id": a.identity.peer_id_hex, "min_accepted": min(r.accepted.values())}
@@ -53,8 +54,7 @@ async def main(config: dict) -> None:
         if command["cmd"] == "withdraw":
             report = await announcers[command["worker"]].stop()
             _say({"withdrawn": command["worker"], "min_accepted": min(report.accepted.values())})
-    for announcer in announcers:
-        await announcer.stop()
+    await asyncio.gather(*(announcer.stop() for announcer in announcers))
     for node in nodes:
         await node.close()
 

@@ -9,6 +9,7 @@ from inferencemesh.p2p.errors import RecordError
 from inferencemesh.p2p.identity import Identity
 from inferencemesh.p2p.lookup import find_block_providers
 from inferencemesh.p2p.node import DHTConfig, DHTNode
+from inferencemesh.p2p.records import dht_key
 
 CONFIG = DHTConfig(rpc_timeout=0.2)
 
@@ -66,9 +67,40 @@ def test_updated_dynamic_fields_are_published():
 
     report, entry = asyncio.run(main())
     assert report.failed_keys == [] and len(report.accepted) == 4  # 2 blocks + directory + index
+    assert report.unreached == {} and report.keys_to_repair == []
     assert (entry.free_cache_tokens, entry.load) == (777, 0.25)
     assert (entry.decode_tps, entry.prefill_tps) == (80.0, 900.0)
     assert entry.rtts == {neighbour: 0.003}
+
+
+def test_a_closest_node_that_missed_the_announce_is_given_the_entry_once_it_answers_again():
+    # Five nodes besides the publisher, replication 5: every one of them is among each key's closest.
+    config = DHTConfig(rpc_timeout=0.1, backoff_base=0.3)
+
+    async def main():
+        first = await DHTNode.start(config=config)
+        nodes = [first, *[await DHTNode.start(bootstrap=[first.address], config=config) for _ in range(5)]]
+        stalled = nodes[3]
+        announcer = make_announcer(nodes[1], ttl=30)
+        keys = announcer.entry.key_names
+        try:
+            stalled._transport.pause_reading()  # a busy node: requests wait unread in its socket
+            report = await announcer.publish()
+            held_while_stalled = [stalled.storage.entries(dht_key(key)) for key in keys]
+            stalled._transport.resume_reading()
+            await announcer.settled()
+            held_after = [stalled.storage.entries(dht_key(key)) for key in keys]
+            return report, announcer.entry.seq, held_while_stalled, held_after
+        finally:
+            await announcer.stop()
+            for node in nodes:
+                await node.close()
+
+    report, seq, held_while_stalled, held_after = asyncio.run(main())
+    assert report.failed_keys == [] and set(report.accepted.values()) == {5}  # 4 others + itself
+    assert report.unreached == dict.fromkeys(report.accepted, 1)
+    assert held_while_stalled == [[]] * 4
+    assert [[entry.seq for entry in held] for held in held_after] == [[seq]] * 4
 
 
 def test_bad_fields_are_refused_up_front():

@@ -97,6 +97,27 @@ def test_dead_contact_fails_fast_then_is_backed_off_without_new_requests():
     assert contacts == []
 
 
+def test_calls_that_fail_together_back_a_contact_off_once():
+    config = DHTConfig(rpc_timeout=0.1, rpc_retries=0, backoff_base=0.3)
+
+    async def main():
+        dead = await DHTNode.start(config=config)
+        await dead.close()
+        client = await DHTNode.start(client_mode=True, config=config)
+        gone = contact(dead, dead.port)
+        burst = await asyncio.gather(*(client.protocol.call_find_node(gone, gone) for _ in range(8)))
+        await asyncio.sleep(0.35)  # one back-off period (8 doublings would be 77 s)
+        sent = client.protocol.requests_sent
+        await client.protocol.call_find_node(gone, gone)
+        asked_again = client.protocol.requests_sent - sent
+        await client.close()
+        return burst, asked_again
+
+    burst, asked_again = asyncio.run(main())
+    assert not any(ok for ok, _ in burst)
+    assert asked_again == 1
+
+
 def test_malformed_and_oversized_datagrams_do_not_disturb_a_node():
     errors = []
 
