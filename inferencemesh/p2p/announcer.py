@@ -98,6 +98,7 @@ class Announcer:
         self._refresher: asyncio.Task[None] | None = None
         self._repairer: asyncio.Task[None] | None = None
         self._publishing = asyncio.Lock()
+        self._published_at = 0.0  # time.monotonic() when the last publish began
 
     @property
     def entry(self) -> ProviderEntry:
@@ -139,7 +140,7 @@ class Announcer:
         """Sign the entry with a new seq and expiry and store it under all its keys."""
         async with self._publishing:
             await self._stop_repairs()  # they re-store the entry this publish replaces
-            started = time.monotonic()
+            started = self._published_at = time.monotonic()
             now = time.time()
             # Microseconds since the epoch: a restarted worker's seq is above its previous life's.
             seq = max(self._entry.seq + 1, time.time_ns() // 1000)
@@ -154,6 +155,15 @@ class Announcer:
             report = AnnounceReport.of(results, time.monotonic() - started)
             if report.keys_to_repair and not withdrawn:  # a withdrawal is the worker's last word
                 self._repairer = asyncio.ensure_future(self._repair(report.keys_to_repair, wire))
+        log.debug(
+            "published seq %d of %s in %.2f s: %d keys, %d stored nowhere, %d to repair",
+            self._entry.seq,
+            self._entry.model_id,
+            report.seconds,
+            len(report.accepted),
+            len(report.failed_keys),
+            len(report.keys_to_repair),
+        )
         if report.failed_keys:
             log.warning(
                 "announce of %s blocks %d-%d: %d of %d keys stored nowhere",
@@ -206,6 +216,8 @@ class Announcer:
             self._repairer = None
 
     async def _refresh_forever(self) -> None:
+        # Every third of the TTL from the last publish's start, not its end: a publish slowed by
+        # timeouts must not push the next one toward the expiry of the entry it replaces.
         while True:
-            await asyncio.sleep(self.ttl / 3)
+            await asyncio.sleep(max(0.0, self._published_at + self.ttl / 3 - time.monotonic()))
             await self.publish()

@@ -1,6 +1,7 @@
 """The Announcer against real DHT nodes on loopback (one process)."""
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -75,7 +76,7 @@ def test_updated_dynamic_fields_are_published():
 
 def test_a_closest_node_that_missed_the_announce_is_given_the_entry_once_it_answers_again():
     # Five nodes besides the publisher, replication 5: every one of them is among each key's closest.
-    config = DHTConfig(rpc_timeout=0.1, backoff_base=0.3)
+    config = DHTConfig(rpc_timeout=0.25, backoff_base=0.3)
 
     async def main():
         first = await DHTNode.start(config=config)
@@ -101,6 +102,34 @@ def test_a_closest_node_that_missed_the_announce_is_given_the_entry_once_it_answ
     assert report.unreached == dict.fromkeys(report.accepted, 1)
     assert held_while_stalled == [[]] * 4
     assert [[entry.seq for entry in held] for held in held_after] == [[seq]] * 4
+
+
+def test_refreshes_keep_their_cadence_when_publishing_is_slow():
+    # A node that never answers makes every publish wait for its timeouts (no back-off to skip it).
+    config = DHTConfig(rpc_timeout=0.3, backoff_base=0.01)
+    ttl = 1.5
+
+    async def main():
+        first = await DHTNode.start(config=config)
+        nodes = [first, *[await DHTNode.start(bootstrap=[first.address], config=config) for _ in range(3)]]
+        nodes[2]._transport.pause_reading()
+        announcer = make_announcer(nodes[1], ttl=ttl)
+        slowest = (await announcer.start()).seconds
+        seqs = {announcer.entry.seq}
+        for _ in range(70):  # 3.5 s
+            await asyncio.sleep(0.05)
+            seqs.add(announcer.entry.seq)
+        await announcer.stop()
+        for node in nodes:
+            await node.close()
+        return slowest, sorted(seqs)
+
+    slowest, seqs = asyncio.run(main())
+    assert slowest >= 0.5  # each publish waited for the silent node
+    starts = [seq / 1e6 for seq in seqs]  # a seq is its publish's start, in microseconds
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    assert len(gaps) >= 4
+    assert max(gaps) < ttl / 3 + 0.15, gaps  # not ttl/3 + the publish's own time
 
 
 def test_bad_fields_are_refused_up_front():
