@@ -133,7 +133,7 @@ async def _stock_swarm_lookup(nodes: int, rounds: int) -> dict:
     per_proc = [(nodes - 1) // PROCS + (1 if i < (nodes - 1) % PROCS else 0) for i in range(PROCS)]
     chunks = [keys[i::PROCS] for i in range(PROCS)]
     procs = [
-        Proc(["-c", _STOCK_CHILD, str(boot_port), str(n), json.dumps(c)])
+        Proc(["-c", _STOCK_CHILD, str(boot_port), str(n), json.dumps(c)], "stock kademlia nodes")
         for n, c in zip(per_proc, chunks, strict=True)
     ]
     try:

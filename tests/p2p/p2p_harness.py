@@ -7,6 +7,7 @@ import os
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -15,16 +16,23 @@ SWARM_PROC = Path(__file__).with_name("swarm_proc.py")
 
 
 class Proc:
-    """A child process whose stdout lines are read in the background, so reads can time out."""
+    """A child process whose stdout lines are read in the background, so reads can time out. Its
+    stderr goes to a file, for the report of a test that fails (tests/p2p/conftest.py)."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], name: str) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+        self.name = name
+        self._stderr = tempfile.TemporaryFile("w+")
         self.popen = subprocess.Popen(
             [sys.executable, *args], cwd=REPO_ROOT, env=env, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
         )
         self._lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
+
+    def stderr_tail(self, lines: int = 40) -> str:
+        self._stderr.seek(0)
+        return "".join(self._stderr.readlines()[-lines:])
 
     def _pump(self) -> None:
         assert self.popen.stdout is not None
@@ -73,7 +81,8 @@ class Proc:
 
 def start_bootstrap(*extra: str) -> tuple[Proc, str]:
     """Run the real ``bootstrap`` command on a free loopback port; returns it and its multiaddr."""
-    proc = Proc(["-m", "inferencemesh", "bootstrap", "--host", "127.0.0.1", "--port", "0", *extra])
+    args = ["-m", "inferencemesh", "bootstrap", "--host", "127.0.0.1", "--port", "0", *extra]
+    proc = Proc(args, "bootstrap")
     while True:
         line = proc.read_line()
         if line.startswith("bootstrap node ready: "):
@@ -81,4 +90,5 @@ def start_bootstrap(*extra: str) -> tuple[Proc, str]:
 
 
 def start_swarm_proc(config: dict) -> Proc:
-    return Proc([str(SWARM_PROC), json.dumps(config)])
+    name = f"swarm_proc ({config['nodes']} nodes, {len(config['workers'])} workers)"
+    return Proc([str(SWARM_PROC), json.dumps(config)], name)

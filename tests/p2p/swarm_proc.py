@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import time
 
@@ -25,6 +26,9 @@ from inferencemesh.p2p.node import DHTConfig, DHTNode
 
 
 async def main(config: dict) -> None:
+    # What each publish stored and what it left to repair, for the report of a failing test.
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("inferencemesh.p2p.announcer").setLevel(logging.DEBUG)
     dht_config = DHTConfig(rpc_timeout=config["rpc_timeout"])
     bootstrap = [config["bootstrap"]]
     nodes = list(await asyncio.gather(
