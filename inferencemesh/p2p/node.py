@@ -53,7 +53,7 @@ class DHTConfig:
 @dataclass(frozen=True)
 class StoreResult:
     accepted: int  # nodes (this one included) that took the entry
-    unreached: int  # of the `replication` closest nodes found, those that did not answer the store
+    unreached: int  # of the `replication` closest nodes found, those that did not answer (crawl or store)
 
 
 class DHTNode:

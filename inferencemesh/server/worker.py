@@ -133,8 +133,8 @@ class Worker:
         )
         report = await self.announcer.start()
         log.info(
-            "serving on quic %s, dht %s; announced %d keys (%d stored nowhere yet, %d to re-store "
-            "on closest nodes that did not answer)",
+            "serving on quic %s, dht %s; announced %d keys (%d stored nowhere yet; %d to store again "
+            "in the background, where some closest DHT node did not answer)",
             address,
             self.dht.address,
             len(report.accepted),
