@@ -10,11 +10,14 @@ A key whose closest nodes did not all answer the store (busy, a lost reply, back
 stored again after 2, 4, 8... seconds (doubling from the DHT's back-off, so the nodes that timed out
 are asked again) until they all have it or the next publish replaces the entry: a lookup reads the
 first holders that answer, and one that missed the entry would hide this worker from it until then.
+A withdrawal is stored again the same way for as long as :meth:`Announcer.stop` is given: a node
+that missed it would keep offering the stopped worker to clients until the old entry expires.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -153,7 +156,7 @@ class Announcer:
             if retry:  # one more try for keys no node took (lost datagrams, a stale routing table)
                 results.update(await self._store(retry, wire))
             report = AnnounceReport.of(results, time.monotonic() - started)
-            if report.keys_to_repair and not withdrawn:  # a withdrawal is the worker's last word
+            if report.keys_to_repair:
                 self._repairer = asyncio.ensure_future(self._repair(report.keys_to_repair, wire))
         log.debug(
             "published seq %d of %s in %.2f s: %d keys, %d stored nowhere, %d to repair",
@@ -186,13 +189,25 @@ class Announcer:
             if repairer is self._repairer:  # finished, not cancelled by a newer publish
                 return
 
-    async def stop(self) -> AnnounceReport:
-        """Stop refreshing and publish a withdrawal, so storing nodes drop the entry now."""
+    async def stop(self, settle_within: float = 0.0) -> AnnounceReport:
+        """Stop refreshing and publish a withdrawal, so storing nodes drop the entry now.
+
+        Keys that some closest node missed are stored again for up to ``settle_within`` seconds;
+        nodes still missing the withdrawal then keep the old entry until it expires (at most a TTL).
+        Nothing runs in the background once this returns.
+        """
         if self._refresher is not None:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
             self._refresher = None
-        return await self.publish(withdrawn=True)
+        report = await self.publish(withdrawn=True)
+        try:
+            if report.keys_to_repair and settle_within > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.settled(), timeout=settle_within)
+        finally:
+            await self._stop_repairs()
+        return report
 
     async def _store(self, keys: list[str], wire: bytes) -> dict[str, StoreResult]:
         results = await asyncio.gather(*(self.node.store_entry(key, wire) for key in keys))

@@ -57,6 +57,8 @@ class WorkerConfig:
     max_request_tokens: int = setting(8192, "most tokens one step or forward may carry")
     session_idle_timeout: float = setting(300.0, "seconds of inactivity after which a session is freed")
     announce_ttl: float = setting(60.0, "seconds a DHT entry lives; refreshed every third of it")
-    drain_timeout: float = setting(5.0, "seconds to finish in-flight steps on SIGINT/SIGTERM")
+    drain_timeout: float = setting(
+        5.0, "seconds, on SIGINT/SIGTERM, to finish in-flight steps and store the withdrawal where missed"
+    )
     stats_interval: float = setting(30.0, "seconds between throughput / cache log lines")
     log_level: str = setting("info", "log level", choices=["debug", "info", "warning", "error"])

@@ -188,12 +188,16 @@ class Worker:
         if self._maintenance is not None:
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)
-        if self.announcer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.announcer.stop(), timeout=self.config.drain_timeout)
-        deadline = time.monotonic() + self.config.drain_timeout
+        drain = self.config.drain_timeout
+        deadline = time.monotonic() + drain
+        # The withdrawal, and storing it again where a closest node missed it, go on while the
+        # steps in flight finish: both within the drain timeout.
+        withdrawal = asyncio.ensure_future(self._withdraw(drain)) if self.announcer is not None else None
         while self.service is not None and self.service.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        if withdrawal is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(withdrawal, timeout=max(0.0, deadline - time.monotonic()))
         if self.service is not None:
             if self.service.in_flight:
                 log.warning("%d steps still in flight at shutdown: they fail", self.service.in_flight)
@@ -206,6 +210,15 @@ class Worker:
             await self.dht.close()
         self._stopped.set()
         log.info("stopped")
+
+    async def _withdraw(self, settle_within: float) -> None:
+        assert self.announcer is not None
+        report = await self.announcer.stop(settle_within=settle_within)
+        log.info(
+            "withdrew %d keys from the DHT (%d stored again where some closest node missed the withdrawal)",
+            len(report.accepted),
+            len(report.keys_to_repair),
+        )
 
     async def run_until_signalled(self) -> None:
         """Serves until SIGINT or SIGTERM, then stops cleanly."""

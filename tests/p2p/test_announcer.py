@@ -15,15 +15,29 @@ from inferencemesh.p2p.records import dht_key
 CONFIG = DHTConfig(rpc_timeout=0.2)
 
 
-async def small_swarm(n: int = 4) -> list[DHTNode]:
-    first = await DHTNode.start(config=CONFIG)
-    rest = [await DHTNode.start(bootstrap=[first.address], config=CONFIG) for _ in range(n - 1)]
+async def small_swarm(n: int = 4, config: DHTConfig = CONFIG) -> list[DHTNode]:
+    first = await DHTNode.start(config=config)
+    rest = [await DHTNode.start(bootstrap=[first.address], config=config) for _ in range(n - 1)]
     return [first, *rest]
 
 
 def make_announcer(node: DHTNode, ttl: float) -> Announcer:
     return Announcer(node, node.identity, model_id="m", total_blocks=4, span_start=1, span_end=3,
                      addresses=["127.0.0.1:7001"], dtype="bfloat16", decode_tps=50.0, ttl=ttl)
+
+
+# Five nodes besides the publisher, replication 5: every one of them is among each key's closest.
+REPAIRING = DHTConfig(rpc_timeout=0.25, backoff_base=0.3)
+
+
+async def publisher_and_stalled_node() -> tuple[list[DHTNode], Announcer, DHTNode]:
+    nodes = await small_swarm(6, REPAIRING)
+    return nodes, make_announcer(nodes[1], ttl=30), nodes[3]
+
+
+def held(node: DHTNode, keys: list[str]) -> list[list[tuple[int, bool]]]:
+    """(seq, withdrawn) of the entries ``node`` stores under each key."""
+    return [[(e.seq, e.withdrawn) for e in node.storage.entries(dht_key(key))] for key in keys]
 
 
 def test_refreshes_keep_an_entry_alive_past_its_ttl_and_stop_withdraws_it():
@@ -75,23 +89,16 @@ def test_updated_dynamic_fields_are_published():
 
 
 def test_a_closest_node_that_missed_the_announce_is_given_the_entry_once_it_answers_again():
-    # Five nodes besides the publisher, replication 5: every one of them is among each key's closest.
-    config = DHTConfig(rpc_timeout=0.25, backoff_base=0.3)
-
     async def main():
-        first = await DHTNode.start(config=config)
-        nodes = [first, *[await DHTNode.start(bootstrap=[first.address], config=config) for _ in range(5)]]
-        stalled = nodes[3]
-        announcer = make_announcer(nodes[1], ttl=30)
+        nodes, announcer, stalled = await publisher_and_stalled_node()
         keys = announcer.entry.key_names
         try:
             stalled._transport.pause_reading()  # a busy node: requests wait unread in its socket
             report = await announcer.publish()
-            held_while_stalled = [stalled.storage.entries(dht_key(key)) for key in keys]
+            held_while_stalled = held(stalled, keys)
             stalled._transport.resume_reading()
             await announcer.settled()
-            held_after = [stalled.storage.entries(dht_key(key)) for key in keys]
-            return report, announcer.entry.seq, held_while_stalled, held_after
+            return report, announcer.entry.seq, held_while_stalled, held(stalled, keys)
         finally:
             await announcer.stop()
             for node in nodes:
@@ -101,7 +108,32 @@ def test_a_closest_node_that_missed_the_announce_is_given_the_entry_once_it_answ
     assert report.failed_keys == [] and set(report.accepted.values()) == {5}  # 4 others + itself
     assert report.unreached == dict.fromkeys(report.accepted, 1)
     assert held_while_stalled == [[]] * 4
-    assert [[entry.seq for entry in held] for held in held_after] == [[seq]] * 4
+    assert held_after == [[(seq, False)]] * 4
+
+
+def test_a_closest_node_that_missed_the_withdrawal_drops_the_entry_once_it_answers_again():
+    async def main():
+        nodes, announcer, stalled = await publisher_and_stalled_node()
+        keys = announcer.entry.key_names
+        try:
+            await announcer.start()
+            await announcer.settled()
+            live_seq = announcer.entry.seq
+            stalled._transport.pause_reading()
+            stopping = asyncio.ensure_future(announcer.stop(settle_within=10.0))
+            await asyncio.sleep(1.0)  # the withdrawal is out; the stalled node has not read it
+            held_while_stalled = held(stalled, keys)
+            stalled._transport.resume_reading()
+            report = await stopping
+            return report, live_seq, announcer.entry.seq, held_while_stalled, held(stalled, keys)
+        finally:
+            for node in nodes:
+                await node.close()
+
+    report, live_seq, withdrawn_seq, held_while_stalled, held_after = asyncio.run(main())
+    assert report.unreached == dict.fromkeys(report.accepted, 1)
+    assert held_while_stalled == [[(live_seq, False)]] * 4
+    assert held_after == [[(withdrawn_seq, True)]] * 4
 
 
 def test_refreshes_keep_their_cadence_when_publishing_is_slow():
@@ -110,8 +142,7 @@ def test_refreshes_keep_their_cadence_when_publishing_is_slow():
     ttl = 1.5
 
     async def main():
-        first = await DHTNode.start(config=config)
-        nodes = [first, *[await DHTNode.start(bootstrap=[first.address], config=config) for _ in range(3)]]
+        nodes = await small_swarm(4, config)
         nodes[2]._transport.pause_reading()
         announcer = make_announcer(nodes[1], ttl=ttl)
         slowest = (await announcer.start()).seconds

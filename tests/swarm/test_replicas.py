@@ -42,6 +42,7 @@ def test_sigterm_withdraws_the_worker_and_exits_zero(replicated: LocalSwarm) -> 
     assert replicated.stop_process(name) == 0
     log = replicated.log(name)
     assert "withdrawing DHT entries" in log and "stopped" in log
+    assert "withdrew 12 keys from the DHT" in log  # blocks 11-20, the model directory and index
     del replicated.processes[name]
     # The withdrawal supersedes the entry at once: no need to wait for its 60 s expiry.
     report = replicated.wait_until(
