@@ -6,7 +6,9 @@
    logits with the client's ``SessionOptions.prefill_chunk`` at each size (0: one step), the sizes
    taking turns over --rounds rounds.
 
-    python bench/bench_prefill.py [--span-tokens 37] [--swarm-tokens 512] [--rounds 3]
+    python bench/bench_prefill.py [--span-tokens 37] [--swarm-tokens 512] [--rounds 3] [--threads 1]
+
+``--swarm-tokens 0`` skips the swarm. ``--threads`` sets torch's threads here and in each worker.
 """
 
 from __future__ import annotations
@@ -42,12 +44,12 @@ def span_chunks(model_dir: Path, tokens: int, rounds: int) -> None:
         print(f"  chunks of {chunk:3d}: {statistics.median(times[1:]) * 1e3:7.1f} ms")
 
 
-def swarm_chunks(model_dir: Path, tokens: int, rounds: int, chunks: list[int]) -> None:
+def swarm_chunks(model_dir: Path, tokens: int, rounds: int, chunks: list[int], threads: int) -> None:
     with tempfile.TemporaryDirectory() as logs:
         swarm = LocalSwarm(Path(logs))
         swarm.start_bootstrap()
         for layers in ("1-10", "11-20", "21-30"):
-            swarm.start_worker(layers, model_dir, "--stats-interval", "3600", "--threads", "1")
+            swarm.start_worker(layers, model_dir, "--stats-interval", "3600", "--threads", str(threads))
         try:
             swarm.wait_for_workers(3)
             client = DistributedModelForCausalLM.from_pretrained(model_dir, [swarm.bootstrap])
@@ -77,11 +79,14 @@ def main() -> None:
     parser.add_argument("--swarm-tokens", type=int, default=512)
     parser.add_argument("--chunks", type=int, nargs="+", default=[0, 64, 128, 256])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads here and in each worker")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    print(f"torch threads: {args.threads}")
     model_dir = prepare_model("smollm2")
     span_chunks(model_dir, args.span_tokens, args.rounds)
-    swarm_chunks(model_dir, args.swarm_tokens, args.rounds, args.chunks)
+    if args.swarm_tokens:
+        swarm_chunks(model_dir, args.swarm_tokens, args.rounds, args.chunks, args.threads)
 
 
 if __name__ == "__main__":
