@@ -215,7 +215,7 @@ class Worker:
         assert self.announcer is not None
         report = await self.announcer.stop(settle_within=settle_within)
         log.info(
-            "withdrew %d keys from the DHT (%d stored again where some closest node missed the withdrawal)",
+            "withdrew %d keys from the DHT (%d missed by some closest node: retried while draining)",
             len(report.accepted),
             len(report.keys_to_repair),
         )
