@@ -5,7 +5,9 @@
 3. the mesh: a bootstrap node and 3 workers (1-10, 11-20, 21-30) on loopback, our client.
 
 The three decode one token each in turn (transformers, engine, mesh, transformers, ...), so machine
-noise hits them alike; TTFT is the median of --ttft-runs prefills, also taken in turn.
+noise hits them alike; TTFT is the median of --ttft-runs prefills, also taken in turn, each from
+opening a session (for the mesh: planning its route and opening it on every worker) to the first
+token.
 
 Reports time to first token (TTFT) for the chat prompt, decode tokens/s, the per-hop overhead two
 ways: (mesh decode step - one-process engine decode step) / 3 workers, and, step by step, (the step's
@@ -76,8 +78,8 @@ def side_by_side(
     ttft: dict[str, list[float]] = {name: [] for name in factories}
     for _ in range(ttft_runs + 1):  # the first round warms up
         for name, factory in factories.items():
-            session = factory()
             started = time.perf_counter()
+            session = factory()
             int(session.step(prompt_ids).argmax())  # the token, as in decode: waits for a GPU
             ttft[name].append(time.perf_counter() - started)
             session.close()

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from inferencemesh.client.batched_head import BatchedHead
-from inferencemesh.client.route import BanList
+from inferencemesh.client.route import BanList, KnownProviders
 from inferencemesh.client.runtime import RESULT_BUSY_POLL_S, MeshRuntime, gather
 from inferencemesh.client.session import PendingStep, RemoteSession, SessionOptions, finish_steps
 from inferencemesh.compute.config import ModelConfig
@@ -124,6 +124,8 @@ class DistributedModelForCausalLM:
         self.options = options
         self.config = ModelConfig.load(model_path)
         self.model_id = compute_model_id(model_path)
+        self.known = KnownProviders(self.model_id, self.config.num_layers)
+        runtime.call_soon(self.known.look_up(runtime))  # while the head loads: the first session needs it
         self.head = ClientHead.load(model_path, dtype=dtype, device=device)
         self.lm_head = BatchedHead(self.head)  # shared by the sessions of all threads
         self.tokenizer = Tokenizer.load(model_path)
@@ -228,9 +230,9 @@ class DistributedModelForCausalLM:
             for ids in prompt_ids
         ]
         timings: list[list[float]] = [[] for _ in prompts]
+        started = time.perf_counter()  # TTFT counts the sessions' opening: the caller waits for it too
         try:
             self.runtime.call(gather(remote.open() for remote in remotes))
-            started = time.perf_counter()
             if waves is None:
                 waves = max(1, min(len(remotes[0].hops) if remotes else 1, len(remotes) // WAVE_ROWS))
             groups = (range(first, len(prompts), waves) for first in range(waves))
@@ -272,8 +274,9 @@ class DistributedModelForCausalLM:
         return self.head.embed(list(token_ids)).to(device="cpu", dtype=torch.float32)
 
     def _remote_session(self, max_length: int) -> RemoteSession:
+        config = self.config
         return RemoteSession(
-            self.runtime, self.model_id, self.config.num_layers, max_length, self.bans, self.options
+            self.runtime, self.model_id, config.num_layers, max_length, self.bans, self.known, self.options
         )
 
     def close(self) -> None:

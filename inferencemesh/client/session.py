@@ -26,10 +26,10 @@ import torch
 
 from inferencemesh.client.route import (
     BanList,
+    KnownProviders,
     Providers,
     by_span,
     entry_address,
-    lookup_providers,
     plan_over,
     probe,
 )
@@ -159,6 +159,7 @@ class RemoteSession:
     num_blocks: int
     max_length: int
     bans: BanList
+    known: KnownProviders  # the client's latest lookup, shared by its sessions
     options: SessionOptions = field(default_factory=SessionOptions)
     session_id: bytes = field(default_factory=lambda: os.urandom(16))
     hops: list[OpenHop] = field(default_factory=list)
@@ -211,9 +212,11 @@ class RemoteSession:
         )
 
     async def _plan(self) -> Route:
-        """A route over the providers known from the last lookup (a failover usually finds the
-        replacement among them, without waiting on a DHT that may have lost nodes too), else over a
-        fresh lookup."""
+        """A route over the providers known from the last lookup (this session's, or for a new session
+        the client's if recent: a failover usually finds the replacement among them, without waiting
+        on a DHT that may have lost nodes too), else over a fresh lookup."""
+        if not self._providers:
+            self._providers = self.known.fresh()
         if self._providers:
             try:
                 return await plan_over(
@@ -221,7 +224,7 @@ class RemoteSession:
                 )
             except NoRouteError:
                 log.info("no route over the known workers: looking the DHT up again")
-        providers = await lookup_providers(self.runtime, self.model_id, self.num_blocks)
+        providers = await self.known.look_up(self.runtime)
         # Known workers the lookup missed stay candidates (a probe tells whether they still live).
         self._providers = by_span(self._providers, providers, num_blocks=self.num_blocks)
         return await plan_over(
