@@ -104,7 +104,8 @@ class KnownProviders:
         self.lookups = 0  # DHT lookups made, for logs and tests
 
     def fresh(self) -> Providers:
-        """The latest lookup's providers (not to be modified) if it is recent enough, else {}."""
+        """The providers of the latest lookup that found every block (not to be modified) if it is
+        recent enough, else {}."""
         return self._providers if time.monotonic() - self._found_at < self.fresh_s else {}
 
     async def look_up(self, runtime: MeshRuntime) -> Providers:
@@ -119,7 +120,8 @@ class KnownProviders:
             providers = await lookup_providers(runtime, self.model_id, self.num_blocks)
         finally:
             self._lookup = None
-        self._providers, self._found_at = providers, time.monotonic()
+        if all(providers.values()):  # one that misses blocks is no plan for the next session
+            self._providers, self._found_at = providers, time.monotonic()
         return providers
 
 

@@ -270,6 +270,12 @@ class MeshRuntime:
                 await self.dht.close()
             if self.endpoint is not None:
                 await self.endpoint.close()
+            # Background work still under way (a providers lookup, a dropped session's close) ends
+            # here rather than being destroyed pending with the loop.
+            others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         if self._loop.is_running():
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import logging
 import os
 import re
 import socket
@@ -313,3 +314,20 @@ def test_generate_batch_computes_each_round_as_one_batch_in_every_worker(
 def test_generate_batch_refuses_zero_waves(client: DistributedModelForCausalLM) -> None:
     with pytest.raises(ValueError, match="waves"):
         client.generate_batch(PROMPTS, waves=0)
+
+
+def test_a_client_closed_while_it_looks_the_swarm_up_leaves_no_work_pending(
+    smollm2_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    empty = LocalSwarm(tmp_path)
+    empty.start_bootstrap()
+    try:
+        empty.wait_until(lambda r: not r["models"], 60, "the bootstrap node")
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            model = DistributedModelForCausalLM.from_pretrained(smollm2_dir, [empty.bootstrap])
+            model.close()  # its lookup, started by from_pretrained, still waits for workers
+            del model
+            gc.collect()
+    finally:
+        empty.stop()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
