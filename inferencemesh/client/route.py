@@ -88,7 +88,7 @@ class KnownProviders:
     """A client's latest DHT lookup of one model's providers, shared by its sessions.
 
     A session opened within ``fresh_s`` of it plans over these instead of waiting on a lookup of its
-    own (most of a session's opening: ~30 of ~35 ms on loopback, docs/benchmarks.md). That is safe
+    own (most of a session's opening: 27-50 of 37-62 ms on loopback, docs/benchmarks.md). That is safe
     because planning probes every candidate first (one that died since is banned, not routed to) and a
     route the known providers cannot complete makes the session look up again. Lookups asked for while
     one is under way (``generate_batch`` opening many sessions, a prefetch) share it.
