@@ -274,9 +274,14 @@ class DistributedModelForCausalLM:
         return self.head.embed(list(token_ids)).to(device="cpu", dtype=torch.float32)
 
     def _remote_session(self, max_length: int) -> RemoteSession:
-        config = self.config
         return RemoteSession(
-            self.runtime, self.model_id, config.num_layers, max_length, self.bans, self.known, self.options
+            self.runtime,
+            self.model_id,
+            self.config.num_layers,
+            max_length,
+            self.bans,
+            self.known,
+            self.options,
         )
 
     def close(self) -> None:

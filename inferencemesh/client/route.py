@@ -101,7 +101,7 @@ class KnownProviders:
         self._providers: Providers = {}
         self._found_at = -math.inf
         self._lookup: asyncio.Future[Providers] | None = None
-        self.lookups = 0  # DHT lookups made, for logs and tests
+        self.lookups = 0  # DHT lookups made (logged, and counted by tests)
 
     def fresh(self) -> Providers:
         """The providers of the latest lookup that found every block (not to be modified) if it is
@@ -120,7 +120,10 @@ class KnownProviders:
             providers = await lookup_providers(runtime, self.model_id, self.num_blocks)
         finally:
             self._lookup = None
-        if all(providers.values()):  # one that misses blocks is no plan for the next session
+        complete = all(providers.values())
+        outcome = "every block found" if complete else "blocks missing"
+        log.debug("DHT lookup %d of %s: %s", self.lookups, self.model_id, outcome)
+        if complete:  # one that misses blocks is no plan for the next session
             self._providers, self._found_at = providers, time.monotonic()
         return providers
 
